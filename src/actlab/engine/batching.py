@@ -1,0 +1,116 @@
+"""Turn documents into padded model inputs: tokenise, split long documents, pad left or right."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Literal, Sequence
+
+import torch
+
+from actlab.errors import ActlabError
+
+LongDocs = Literal["chunk", "truncate"]
+Positions = str | tuple[int | None, int | None]
+
+
+@dataclass
+class Row:
+    """One model input row: a window of one document's tokens."""
+
+    doc_id: int
+    start: int  # position of ids[0] inside the document
+    ids: list[int]
+    doc_length: int  # tokens in the whole document
+
+
+def tokenize_documents(
+    tokenizer,
+    docs: Sequence[str] | Sequence[Sequence[int]],
+    *,
+    max_length: int,
+    long_docs: LongDocs = "chunk",
+    doc_offset: int = 0,
+) -> list[Row]:
+    """Tokenise documents (or take token ids as given) and split them into rows of <= max_length.
+
+    Long documents are split into consecutive windows ("chunk", the default: nothing is lost and
+    positions keep counting inside the document) or cut at max_length with a warning ("truncate").
+    Empty documents are skipped; their document ids stay reserved so ids match the input order.
+    """
+    if len(docs) == 0:
+        raise ActlabError("no documents to run: the input is empty (give at least one non-empty text)")
+    if isinstance(docs[0], str):
+        encoded = tokenizer(list(docs), add_special_tokens=True)["input_ids"]
+    else:
+        encoded = [list(map(int, d)) for d in docs]
+    rows: list[Row] = []
+    truncated = 0
+    for k, ids in enumerate(encoded):
+        doc_id = doc_offset + k
+        if not ids:
+            continue
+        if len(ids) > max_length and long_docs == "truncate":
+            truncated += 1
+            ids = ids[:max_length]
+        for start in range(0, len(ids), max_length):
+            rows.append(Row(doc_id, start, ids[start : start + max_length], len(ids)))
+    if truncated:
+        warnings.warn(
+            f"{truncated} document(s) longer than the model context ({max_length} tokens) were truncated; "
+            "use long_docs='chunk' to keep every token",
+            stacklevel=2,
+        )
+    if not rows:
+        raise ActlabError("every document is empty after tokenisation: nothing to run")
+    return rows
+
+
+def pad(rows_ids: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token-id lists into [batch, T] ids and attention mask."""
+    width = max(len(r) for r in rows_ids)
+    ids = torch.full((len(rows_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows_ids), width), dtype=torch.long)
+    for i, r in enumerate(rows_ids):
+        n = len(r)
+        if side == "left":
+            ids[i, width - n :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - n :] = 1
+        else:
+            ids[i, :n] = torch.tensor(r, dtype=torch.long)
+            mask[i, :n] = 1
+    return ids, mask
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only, so left padding does not shift them."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def batches(rows: list[Row], batch_size: int) -> Iterator[list[Row]]:
+    for i in range(0, len(rows), batch_size):
+        yield rows[i : i + batch_size]
+
+
+def selection_mask(rows: list[Row], width: int, positions: Positions) -> torch.Tensor:
+    """[batch, width] bool: which (right-padded) columns to send to the sinks.
+
+    ``positions`` is "all", "last" (the last token of each document), or a (start, stop) span of
+    document positions with Python slice semantics (negative values count from the document end).
+    """
+    sel = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        n = len(row.ids)
+        if positions == "all":
+            sel[i, :n] = True
+        elif positions == "last":
+            if row.start + n == row.doc_length:
+                sel[i, n - 1] = True
+        elif isinstance(positions, tuple) and len(positions) == 2:
+            lo, hi, _ = slice(*positions).indices(row.doc_length)
+            a, b = max(lo - row.start, 0), min(hi - row.start, n)
+            if a < b:
+                sel[i, a:b] = True
+        else:
+            raise ActlabError(f"positions must be 'all', 'last' or a (start, stop) span, not {positions!r}")
+    return sel

@@ -1,0 +1,282 @@
+"""actlab's model handle: an HF model + tokenizer + site map + the hook engine."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import warnings
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from actlab.engine.batch import TokenBatch
+from actlab.engine.batching import pad, position_ids_from_mask
+from actlab.engine.capture import Capture
+from actlab.engine.hooks import Handle, HookManager
+from actlab.errors import ActlabError
+from actlab.models.sites import SiteMap
+
+_VOLATILE_CONFIG_KEYS = {
+    "transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures", "use_cache",
+    "_attn_implementation", "_attn_implementation_autoset", "output_hidden_states", "return_dict",
+    "_commit_hash", "tie_word_embeddings",
+}
+
+
+def config_hash(config) -> str:
+    """A short hash of the architecture-defining config fields (not dtype, paths or versions)."""
+    data = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS and not k.startswith("_")}
+    blob = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Model:
+    """A transformer with named sites. Build it with ``actlab.load``."""
+
+    def __init__(self, hf_model: nn.Module, tokenizer, name: str | None = None):
+        self.hf = hf_model.eval()
+        self.tokenizer = tokenizer
+        self.name = name or getattr(hf_model.config, "_name_or_path", None) or type(hf_model).__name__
+        self.sitemap = SiteMap(hf_model)
+        self.hooks = HookManager(hf_model, self.sitemap)
+        self._captures: list[Capture] = []
+        self._accepts = set(inspect.signature(hf_model.forward).parameters)
+        if tokenizer is not None and tokenizer.pad_token_id is None:
+            fallback = tokenizer.eos_token or tokenizer.unk_token
+            if fallback is not None:
+                tokenizer.pad_token = fallback
+
+    # ------------------------------------------------------------- properties
+    def __repr__(self) -> str:
+        return (
+            f"actlab.Model({self.name!r}, {self.sitemap.model_class}, layers={self.n_layers}, "
+            f"d_model={self.d_model}, d_mlp={self.d_mlp})"
+        )
+
+    @property
+    def sites(self) -> dict[str, int]:
+        """Every site of this model and its width."""
+        return self.sitemap.widths
+
+    @property
+    def n_layers(self) -> int:
+        return self.sitemap.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.sitemap.d_model
+
+    @property
+    def d_mlp(self) -> int | None:
+        return self.sitemap.d_mlp
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self.hf.config)
+
+    @property
+    def has_lm_head(self) -> bool:
+        return self.hf.get_output_embeddings() is not None if hasattr(self.hf, "get_output_embeddings") else False
+
+    @property
+    def is_causal(self) -> bool:
+        return self.has_lm_head and bool(getattr(self.hf, "can_generate", lambda: False)())
+
+    @property
+    def max_length(self) -> int:
+        """Context length: the model's positions limit, or 2048 for models without one."""
+        cfg = getattr(self.hf.config, "text_config", None) or self.hf.config
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+        tok_limit = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(tok_limit, int) and 0 < tok_limit < limit:
+            limit = tok_limit
+        return int(limit)
+
+    @property
+    def pad_token_id(self) -> int:
+        pid = getattr(self.tokenizer, "pad_token_id", None)
+        return int(pid) if pid is not None else 0
+
+    def identity(self) -> dict:
+        """What files made for this model record, so a mismatch is caught at load time."""
+        return {
+            "model_name": self.name,
+            "model_class": self.sitemap.model_class,
+            "config_hash": self.config_hash,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "d_mlp": self.d_mlp,
+        }
+
+    def resolve(self, selectors: str | Iterable[str]) -> list[str]:
+        """Expand site selectors (``resid.*``, ``mlp.hidden.1-3``, ``resid.-1``) into site names."""
+        return self.sitemap.resolve(selectors)
+
+    # ----------------------------------------------------------------- inputs
+    def tokenize(
+        self, texts: str | Sequence[str], *, padding_side: str = "right", max_length: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask for a batch of texts; long texts are truncated with a warning."""
+        if self.tokenizer is None:
+            raise ActlabError("this model has no tokenizer: pass token ids, or load it with tokenizer=...")
+        if isinstance(texts, str):
+            texts = [texts]
+        if len(texts) == 0:
+            raise ActlabError("no texts given: pass at least one string")
+        limit = max_length or self.max_length
+        encoded = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+        if any(len(e) > limit for e in encoded):
+            warnings.warn(f"text longer than the model context ({limit} tokens) truncated", stacklevel=3)
+            encoded = [e[:limit] for e in encoded]
+        if any(len(e) == 0 for e in encoded):
+            raise ActlabError("an input text is empty after tokenisation; remove empty strings")
+        return pad(encoded, self.pad_token_id, side=padding_side)
+
+    def forward_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
+        """Keyword arguments for the HF forward, with position ids that ignore padding."""
+        device = self.device
+        kwargs = {"input_ids": input_ids.to(device)}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask.to(device)
+            if "position_ids" in self._accepts and self.sitemap.model_type not in ("opt",):
+                kwargs["position_ids"] = position_ids_from_mask(attention_mask).to(device)
+        if "use_cache" in self._accepts:
+            kwargs["use_cache"] = False
+        return kwargs
+
+    def _as_inputs(self, inputs, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str)):
+            return self.tokenize(inputs)
+        if isinstance(inputs, (list, tuple)):
+            if not inputs:
+                raise ActlabError("no inputs given")
+            return pad([list(map(int, x)) for x in inputs], self.pad_token_id)
+        if not torch.is_tensor(inputs):
+            raise ActlabError(f"inputs must be text, a list of texts, token-id lists or a tensor, not {type(inputs).__name__}")
+        ids = inputs.unsqueeze(0) if inputs.ndim == 1 else inputs
+        if ids.numel() == 0:
+            raise ActlabError("empty input: the token tensor has no tokens")
+        vocab = getattr(self.hf.config, "vocab_size", None)
+        if vocab is not None and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+            raise ActlabError(f"token ids must lie in [0, {vocab}); got values up to {int(ids.max())}")
+        mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
+        return ids, mask
+
+    # -------------------------------------------------------------- running
+    def __call__(self, inputs, attention_mask: torch.Tensor | None = None, **kwargs):
+        """Run the model on texts or token ids (under no_grad); returns the HF output."""
+        ids, mask = self._as_inputs(inputs, attention_mask)
+        for cap in self._captures:
+            cap.input_ids = ids
+        with torch.no_grad():
+            return self.hf(**self.forward_inputs(ids, mask), **kwargs)
+
+    def capture(self, sites: str | Iterable[str]) -> Capture:
+        """Context manager that records ``sites`` for every forward pass inside it."""
+        return Capture(self, sites)
+
+    def edit(self, *edits) -> Handle:
+        """Apply edits (Interventions or engine edits) until the handle is removed or the block exits."""
+        flat = []
+        for e in edits:
+            flat.extend(e.edits() if hasattr(e, "edits") else (e if isinstance(e, (list, tuple)) else [e]))
+        for e in flat:
+            if hasattr(e, "check_model"):
+                e.check_model(self)
+            self.sitemap[e.site]
+        handles = [self.hooks.add_edit(e) for e in flat]
+
+        def remove() -> None:
+            for h in handles:
+                h.remove()
+
+        return Handle(remove)
+
+    def run(self, docs, sites="resid.*", sinks=(), **kwargs):
+        """Stream activations of ``sites`` over documents into sinks (see ``actlab.engine.runner.run``)."""
+        from actlab.engine.runner import run
+
+        return run(self, docs, sites, sinks, **kwargs)
+
+    def collect(self, docs, sites="resid.*", *, positions="last", batch_size: int = 8, **kwargs) -> TokenBatch:
+        """Activations of ``sites`` at ``positions`` for every document, gathered in memory."""
+        from actlab.engine.runner import run
+
+        parts: list[TokenBatch] = []
+
+        class _Gather:
+            def consume(self, batch: TokenBatch) -> None:
+                parts.append(batch)
+
+        run(self, docs, sites, [_Gather()], positions=positions, batch_size=batch_size, **kwargs)
+        return TokenBatch(
+            acts={s: torch.cat([p.acts[s] for p in parts]) for s in parts[0].acts},
+            token_ids=torch.cat([p.token_ids for p in parts]),
+            doc_ids=torch.cat([p.doc_ids for p in parts]),
+            positions=torch.cat([p.positions for p in parts]),
+        )
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | torch.Tensor,
+        *,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        return_ids: bool = False,
+        use_cache: bool = True,
+        streamer=None,
+    ):
+        """Generate continuations with any active edits and captures; returns the new text per prompt.
+
+        Prompts are left-padded; edits see ``state.prompt_length`` so "prompt"/"generated"
+        position modes work with and without the KV cache.
+        """
+        if not self.is_causal:
+            raise ActlabError(f"{self.sitemap.model_class} cannot generate text (it has no causal LM head)")
+        single = isinstance(prompts, str)
+        if torch.is_tensor(prompts):
+            ids, mask = self._as_inputs(prompts)
+        else:
+            ids, mask = self.tokenize([prompts] if single else list(prompts), padding_side="left",
+                                      max_length=max(1, self.max_length - max_new_tokens))
+        if seed is not None:
+            torch.manual_seed(seed)
+        for cap in self._captures:
+            cap.input_ids = ids
+        self.hooks.state.prompt_length = ids.shape[1]
+        try:
+            with torch.no_grad():
+                gen_kwargs = dict(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=do_sample,
+                    pad_token_id=self.pad_token_id,
+                    use_cache=use_cache,
+                    streamer=streamer,
+                )
+                if do_sample:
+                    gen_kwargs.update(temperature=temperature, top_p=top_p)
+                else:
+                    gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+                out = self.hf.generate(**gen_kwargs)
+        finally:
+            self.hooks.state.prompt_length = None
+        new = out[:, ids.shape[1]:].cpu()
+        if return_ids:
+            return new
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return texts[0] if single else texts
