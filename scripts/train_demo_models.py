@@ -40,8 +40,8 @@ ZOO = REPO / "src" / "actlab" / "models" / "zoo"
 # steps are fixed per model so that reruns are reproducible; sized (measured) so each run takes about
 # 30-35 minutes on one thread of the 2-core development machine while the other model trains too.
 MODELS = {
-    "demo-gpt2": dict(arch="gpt2", steps=1000, batch_size=16, seq_len=256, lr=3e-3, warmup=60),
-    "demo-llama": dict(arch="llama", steps=1000, batch_size=16, seq_len=256, lr=3e-3, warmup=60),
+    "demo-gpt2": dict(arch="gpt2", steps=650, batch_size=16, seq_len=256, lr=3e-3, warmup=50),
+    "demo-llama": dict(arch="llama", steps=650, batch_size=16, seq_len=256, lr=3e-3, warmup=50),
 }
 
 
@@ -101,7 +101,7 @@ def get_batch(data: np.ndarray, seed: int, step: int, batch_size: int, seq_len: 
 
     rng = np.random.default_rng([seed, step])
     starts = rng.integers(0, data.size - seq_len - 1, size=batch_size)
-    x = np.stack([data[s : s + seq_len + 1] for s in starts]).astype(np.int64)
+    x = np.stack([data[s : s + seq_len] for s in starts]).astype(np.int64)
     return torch.from_numpy(x)
 
 
@@ -110,7 +110,7 @@ def val_batches(data: np.ndarray, n: int, batch_size: int, seq_len: int):
     import torch
 
     starts = np.linspace(0, data.size - seq_len - 2, n * batch_size).astype(np.int64)
-    x = np.stack([data[s : s + seq_len + 1] for s in starts]).astype(np.int64)
+    x = np.stack([data[s : s + seq_len] for s in starts]).astype(np.int64)
     return [torch.from_numpy(x[i * batch_size : (i + 1) * batch_size]) for i in range(n)]
 
 
