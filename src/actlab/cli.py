@@ -1,0 +1,224 @@
+"""The ``actlab`` command line: a thin typer shell over the library functions."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from actlab.errors import ActlabError
+
+app = typer.Typer(
+    help="actlab: record, measure, edit and transfer the activations inside transformer models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+store_app = typer.Typer(help="Inspect and check on-disk activation stores.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+console = Console()
+err_console = Console(stderr=True)
+
+MODEL_HELP = "A bundled demo model (demo-llama, demo-gpt2), a local model directory, or a hub id (needs network)."
+DATA_HELP = (
+    "Input documents: .txt (one per line, or blank-line separated paragraphs), .jsonl with a 'text' field, "
+    "or a token-id file. Default: actlab's bundled prompt set."
+)
+SITES_HELP = "Sites to read, e.g. 'resid.*', 'mlp.hidden.1-3', 'resid.-1', comma separated. See `actlab sites MODEL`."
+
+
+def friendly(fn: Callable) -> Callable:
+    """Print ActlabErrors as one red line (exit 2) instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        warnings.filterwarnings("ignore", message=".*Model config.*")
+        try:
+            return fn(*args, **kwargs)
+        except ActlabError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]: finished work is kept; run the same command again to resume")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def _load(model: str, device: str, dtype: str):
+    import actlab
+
+    with console.status(f"loading {model}…"):
+        return actlab.load(model, device=device, dtype=dtype)
+
+
+def _documents(data: Optional[Path], model, max_tokens: Optional[int]):
+    from actlab.datasets import default_prompts
+    from actlab.io import budget, read_documents
+
+    docs = default_prompts() if data is None else read_documents(data)
+    if max_tokens is not None:
+        docs = budget(docs, model.tokenizer, max_tokens)
+    return docs
+
+
+def _positions(value: str):
+    if value in ("all", "last"):
+        return value
+    try:
+        lo, hi = value.split(":")
+        return (int(lo) if lo else None, int(hi) if hi else None)
+    except ValueError:
+        raise ActlabError(f"--positions must be 'all', 'last' or a span 'start:stop' (e.g. 0:32), not {value!r}") from None
+
+
+DeviceOpt = typer.Option("cpu", help="Torch device, e.g. cpu or cuda.")
+DtypeOpt = typer.Option("float32", help="Weights dtype: float32, bfloat16 or float16.")
+
+
+@app.command()
+@friendly
+def sites(model: str = typer.Argument("demo-llama", help=MODEL_HELP), device: str = DeviceOpt, dtype: str = DtypeOpt):
+    """List a model's sites and their widths."""
+    m = _load(model, device, dtype)
+    table = Table(title=f"{m.name}: {m.sitemap.model_class}, {m.n_layers} layers")
+    table.add_column("site")
+    table.add_column("width", justify="right")
+    table.add_column("hooked module")
+    for name, point in m.sitemap.points.items():
+        table.add_row(name, str(point.width), f"{point.mode} of {point.module_path}")
+    console.print(table)
+
+
+@app.command()
+@friendly
+def generate(
+    model: str = typer.Argument("demo-llama", help=MODEL_HELP),
+    prompt: str = typer.Argument(..., help="Prompt text."),
+    max_new_tokens: int = typer.Option(48, help="Tokens to generate."),
+    edit: List[str] = typer.Option([], help="Intervention file with coefficient, FILE:COEF (repeatable)."),
+    sample: bool = typer.Option(False, help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (with --sample)."),
+    seed: int = typer.Option(0, help="Random seed for sampling."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+):
+    """Generate text, optionally with interventions applied, streaming tokens to the terminal."""
+    from transformers import TextStreamer
+
+    m = _load(model, device, dtype)
+    edits = []
+    if edit:
+        from actlab.interventions import load_with_coef
+
+        edits = [load_with_coef(spec, m) for spec in edit]
+    streamer = TextStreamer(m.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    console.print(f"[bold]{prompt}[/]", end="")
+    sys.stdout.flush()
+    with m.edit(*edits):
+        m.generate(prompt, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, seed=seed,
+                   streamer=streamer)
+
+
+@app.command()
+@friendly
+def record(
+    model: str = typer.Argument("demo-llama", help=MODEL_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Store directory (created; resumed if it holds a partial run)."),
+    data: Optional[Path] = typer.Option(None, help=DATA_HELP),
+    sites: str = typer.Option("resid.*", help=SITES_HELP),
+    positions: str = typer.Option("all", help="Tokens to record: all, last, or a span start:stop."),
+    max_tokens: Optional[int] = typer.Option(None, help="Stop after this many input tokens."),
+    batch_size: int = typer.Option(8, help="Documents per forward pass."),
+    shard_tokens: int = typer.Option(65536, help="Tokens per shard file (a shard is the unit of resume)."),
+    store_dtype: Optional[str] = typer.Option(None, "--store-dtype", help="Dtype on disk (default: the model's)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing store made with other settings."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+):
+    """Record activations into a sharded, checksummed, resumable on-disk store."""
+    from actlab.store import record as record_store
+
+    m = _load(model, device, dtype)
+    docs = _documents(data, m, max_tokens)
+    store = record_store(m, docs, sites, out, positions=_positions(positions), batch_size=batch_size,
+                         shard_tokens=shard_tokens, dtype=store_dtype, overwrite=overwrite, progress=True)
+    info = store.info()
+    console.print(f"[green]stored[/] {info['n_tokens']:,} tokens × {len(info['sites'])} sites in {out}")
+
+
+@app.command()
+@friendly
+def stats(
+    model: str = typer.Argument("demo-llama", help=MODEL_HELP),
+    data: Optional[Path] = typer.Option(None, help=DATA_HELP),
+    sites: str = typer.Option("resid.*,mlp.hidden.*", help=SITES_HELP),
+    out: Path = typer.Option(Path("stats.safetensors"), "--out", "-o", help="Output file (safetensors + JSON header)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Stop after this many input tokens."),
+    batch_size: int = typer.Option(8, help="Documents per forward pass."),
+    eps: float = typer.Option(1e-3, help="|x| below eps counts as (near) zero."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+):
+    """Streaming per-channel statistics (mean, variance, extrema, sparsity, histogram, top-k) of sites."""
+    from actlab.stats import StatsSink
+
+    m = _load(model, device, dtype)
+    docs = _documents(data, m, max_tokens)
+    names = m.resolve(sites)
+    sink = StatsSink({s: m.sites[s] for s in names}, eps=eps)
+    summary = m.run(docs, names, sink, batch_size=batch_size, progress=True, description="stats")
+    sink.save(out, metadata=m.identity())
+    table = Table(title=f"{summary.n_tokens:,} tokens, {summary.tokens_per_second:,.0f} tok/s")
+    rows = sink.summary()
+    columns = list(next(iter(rows.values())).keys())
+    table.add_column("site")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for site, values in rows.items():
+        table.add_row(site, *[f"{v:.4g}" if isinstance(v, float) else str(v) for v in values.values()])
+    console.print(table)
+    console.print(f"[green]wrote[/] {out}")
+
+
+@store_app.command("info")
+@friendly
+def store_info(path: Path = typer.Argument(..., help="Store directory.")):
+    """Summarise a store: model, sites, tokens, shards."""
+    from actlab.store import Store
+
+    info = Store(path).info()
+    table = Table(show_header=False)
+    for key, value in info.items():
+        table.add_row(str(key), str(value))
+    console.print(table)
+
+
+@store_app.command("verify")
+@friendly
+def store_verify(path: Path = typer.Argument(..., help="Store directory.")):
+    """Check every shard against the manifest's checksums; exit 1 if anything is wrong."""
+    from actlab.store import Store
+
+    problems = Store(path).verify()
+    if problems:
+        for problem in problems:
+            err_console.print(f"[red]✗[/] {problem}")
+        raise typer.Exit(1)
+    console.print(f"[green]✓[/] {path}: every shard matches its checksum")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

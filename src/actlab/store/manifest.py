@@ -1,0 +1,77 @@
+"""The store manifest (``manifest.json``): names, dtypes, and reading it back safely."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from actlab.errors import ActlabError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "actlab-store"
+FORMAT_VERSION = 1
+INDEX_KEYS = ("token_ids", "doc_ids", "positions")  # per-token int64 tensors stored next to the sites
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def dtype_name(dtype) -> str:
+    """Canonical storage name ("float32", "float16", "bfloat16") of a torch dtype or an alias."""
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ActlabError(f"unsupported store dtype '{dtype}'; use float32, float16 or bfloat16")
+        dtype = _DTYPES[dtype]
+    if dtype not in _NAMES:
+        raise ActlabError(f"unsupported store dtype {dtype}; use float32, float16 or bfloat16")
+    return _NAMES[dtype]
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[dtype_name(name)]
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def positions_to_json(positions):
+    """"all" / "last" stay strings; a (start, stop) span becomes a 2-list."""
+    if isinstance(positions, (tuple, list)):
+        return [None if p is None else int(p) for p in positions]
+    return positions
+
+
+def positions_from_json(positions):
+    return tuple(positions) if isinstance(positions, list) else positions
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """Parse and sanity-check ``DIR/manifest.json``; ActlabError with the reason when it is not usable."""
+    path = Path(directory) / MANIFEST_NAME
+    if not Path(directory).is_dir():
+        raise ActlabError(f"no activation store at {directory}: the directory does not exist")
+    if not path.is_file():
+        raise ActlabError(f"{directory} is not an activation store: it has no {MANIFEST_NAME}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ActlabError(f"cannot read {path}: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ActlabError(f"{path} is not an actlab store manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ActlabError(
+            f"{path} has store format version {version!r}, newer than this actlab understands "
+            f"({FORMAT_VERSION}); upgrade actlab to read it"
+        )
+    for key in ("model", "sites", "dtype", "shards", "plan"):
+        if key not in manifest:
+            raise ActlabError(f"{path} is damaged: the '{key}' field is missing")
+    return manifest
