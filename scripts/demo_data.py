@@ -34,7 +34,9 @@ def load_split(split: str) -> list[dict]:
 def load_tokenizer(path: Path | None = None):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path or TOKENIZER))
+    tok = AutoTokenizer.from_pretrained(str(path or TOKENIZER))
+    tok.model_max_length = 10**9  # scripts tokenize whole documents; silence the length warning
+    return tok
 
 
 def make_passages(rows: list[dict], tokenizer, n_tokens: int, per_genre: int, seed: int,

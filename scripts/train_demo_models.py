@@ -138,6 +138,8 @@ def export(model, tokenizer_dir: Path, out: Path, summary: dict) -> None:
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tok.save_pretrained(out)
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for f in out.iterdir():
+        f.chmod(0o644)  # safetensors writes 0600; the zoo files ship in the package
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"[export] {out} ({size / 1e6:.1f} MB)", flush=True)
 

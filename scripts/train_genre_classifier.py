@@ -41,16 +41,15 @@ def main(argv: list[str] | None = None) -> int:
         counts[GENRES.index(r["genre"])] += np.bincount(text_features(r["text"], settings), minlength=B)
     print(f"[genre] counted features of {len(train)} train documents in {time.time() - t0:.0f}s", flush=True)
 
-    val = make_passages(load_split("validation"), tok, args.n_tokens, 400, args.seed)
-    test = make_passages(load_split("test"), tok, args.n_tokens, args.per_genre, args.seed + 1)
-    best = None
-    for alpha in [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]:
+    val = make_passages(load_split("validation"), tok, args.n_tokens, 400, args.seed, per_doc=20)
+    test = make_passages(load_split("test"), tok, args.n_tokens, args.per_genre, args.seed + 1, per_doc=20)
+    scores = {}
+    for alpha in [0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3]:
         clf = GenreClassifier.from_counts(counts, GENRES, alpha, settings)
-        acc = clf.accuracy([r["text"] for r in val], [r["genre"] for r in val])
-        print(f"[genre] alpha {alpha}: validation accuracy {acc:.4f}", flush=True)
-        if best is None or acc > best[1]:
-            best = (alpha, acc)
-    alpha = best[0]
+        scores[alpha] = clf.accuracy([r["text"] for r in val], [r["genre"] for r in val])
+        print(f"[genre] alpha {alpha}: validation accuracy {scores[alpha]:.4f}", flush=True)
+    # the largest (smoothest, most robust on generated text) alpha within 0.5 points of the best
+    alpha = max(a for a, v in scores.items() if v >= max(scores.values()) - 0.005)
     clf = GenreClassifier.from_counts(counts, GENRES, alpha, settings)
     # evaluate the float16-stored weights, i.e. exactly what ships
     clf = GenreClassifier(clf.log_prob.astype(np.float16), clf.log_prior, GENRES, settings)

@@ -135,6 +135,7 @@ class GenreClassifier:
         cfg = {"format": "actlab-genre-nb-v1", "model": "multinomial naive Bayes on hashed features",
                "genres": self.genres, "settings": self.settings, "info": self.info}
         (d / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        (d / WEIGHTS_FILE).chmod(0o644)
 
     # -- inference -----------------------------------------------------------------------------
     def _as_list(self, texts) -> list[str]:

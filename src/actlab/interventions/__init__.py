@@ -1,0 +1,17 @@
+"""Interventions: serialisable, composable edits of a site (see docs/steering.md)."""
+
+from actlab.interventions.base import (
+    Composition,
+    Intervention,
+    load_interventions,
+    load_with_coef,
+    save_interventions,
+)
+from actlab.interventions.types import AffineMap, LowRankAdapter, NeuronClamp, SteeringVector
+
+load = load_interventions
+
+__all__ = [
+    "AffineMap", "Composition", "Intervention", "LowRankAdapter", "NeuronClamp", "SteeringVector",
+    "load", "load_interventions", "load_with_coef", "save_interventions",
+]

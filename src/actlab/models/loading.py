@@ -77,7 +77,9 @@ def load(
         return Model(model, tokenizer, name=getattr(model.config, "_name_or_path", None) or None)
 
     from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     name = str(name_or_model)
     source = resolve_path(name)
     is_local = Path(source).is_dir()

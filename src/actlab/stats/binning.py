@@ -160,7 +160,7 @@ class SymlogBinning:
             cache[dtype] = idx
         return cache[dtype]
 
-    def raw_counts(self, x: torch.Tensor) -> torch.Tensor:
+    def raw_counts(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Counts of raw keys of a contiguous float32/float64 tensor (every element counted once).
 
         The key is the bit pattern shifted right so that only sign, exponent and the top
@@ -169,7 +169,11 @@ class SymlogBinning:
         """
         shift, half, n_raw = self.raw_shift(x.dtype)
         int_dtype = _FLOAT_LAYOUT[x.dtype][3]
-        key = torch.bitwise_right_shift(x.reshape(-1).view(int_dtype), shift)
+        bits = x.reshape(-1).view(int_dtype)
+        if out is None:
+            key = torch.bitwise_right_shift(bits, shift)
+        else:  # reuse a same-sized work buffer (``out`` may have x's float dtype)
+            key = torch.bitwise_right_shift(bits, shift, out=out.reshape(-1).view(int_dtype))
         key.add_(half)
         return torch.bincount(key, minlength=n_raw)
 

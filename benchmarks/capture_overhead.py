@@ -1,0 +1,108 @@
+"""Capture / record / stats overhead against a plain forward pass, same model, same batch.
+
+    .venv/bin/python benchmarks/capture_overhead.py [--threads 1] [--repeats 7]
+
+A ~10M-parameter Llama-shaped model with random weights (weights do not change the cost),
+batch 8 x 256 tokens, CPU, threads pinned. Each variant's time is the median of the repeats;
+ratios are against the plain forward measured in the same run. If a separate benchmark venv
+(.bench-venv, see docs/benchmarks.md) has nnsight or TransformerLens, their capture of the same
+sites is timed there by benchmarks/peer_capture.py and printed beside ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers as T
+
+import actlab
+from actlab.stats import StatsSink
+from actlab.store import record
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench_model(seed: int = 0) -> actlab.Model:
+    torch.manual_seed(seed)
+    config = T.LlamaConfig(vocab_size=8192, hidden_size=320, intermediate_size=864, num_hidden_layers=6,
+                           num_attention_heads=5, num_key_value_heads=5, max_position_embeddings=512)
+    hf = T.LlamaForCausalLM(config).eval()
+    return actlab.load(hf, tokenizer=None)
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model = bench_model()
+    n_params = sum(p.numel() for p in model.hf.parameters())
+    ids = torch.randint(0, 8192, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    docs = [row.tolist() for row in ids]  # token-id documents: no tokenizer cost in any variant
+    sites = model.resolve("resid.*")
+    stats_sites = model.resolve("resid.*,mlp.hidden.*")
+    inputs = model.forward_inputs(ids, mask)
+
+    def plain():
+        with torch.no_grad():
+            model.hf(**inputs)
+
+    def capture():
+        with model.capture(sites):
+            plain()
+
+    def runner_capture():
+        model.collect(docs, sites, positions="all", batch_size=args.batch)
+
+    def stats():
+        sink = StatsSink({s: model.sites[s] for s in stats_sites})
+        model.run(docs, stats_sites, sink, batch_size=args.batch)
+
+    def store():
+        with tempfile.TemporaryDirectory() as tmp:
+            record(model, docs, sites, Path(tmp) / "store", batch_size=args.batch)
+
+    print(f"model: Llama-shaped, {n_params / 1e6:.1f}M parameters, {len(sites)} resid sites; "
+          f"batch {args.batch} x {args.seq} tokens; threads={args.threads}; median of {args.repeats}")
+    base = median_time(plain, args.repeats)
+    rows = [("plain forward", base)]
+    for name, fn in [("capture resid.* (model.capture)", capture), ("capture resid.* (runner, flat)", runner_capture),
+                     ("record resid.* to store", store), ("stats resid.* + mlp.hidden.*", stats)]:
+        rows.append((name, median_time(fn, args.repeats)))
+    print(f"{'variant':40s} {'ms':>9s} {'ratio':>7s}")
+    for name, seconds in rows:
+        print(f"{name:40s} {seconds * 1e3:9.1f} {seconds / base:7.3f}x")
+
+    peer_python = ROOT / ".bench-venv" / "bin" / "python"
+    if peer_python.exists():
+        subprocess.run([str(peer_python), str(ROOT / "benchmarks" / "peer_capture.py"), "--threads",
+                        str(args.threads), "--repeats", str(args.repeats), "--batch", str(args.batch),
+                        "--seq", str(args.seq)], check=False)
+    else:
+        print("(no .bench-venv: peer libraries not measured; see docs/benchmarks.md)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

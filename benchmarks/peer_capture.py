@@ -1,0 +1,95 @@
+"""The same capture (every block's residual output) done with nnsight and TransformerLens.
+
+Run by benchmarks/capture_overhead.py inside the separate benchmark venv (.bench-venv), never
+in the project venv: peers pin their own transformers versions. Same model shape and batch as
+capture_overhead.py; each peer's ratio is against a plain forward timed in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def hf_llama():
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=8192, hidden_size=320, intermediate_size=864, num_hidden_layers=6,
+                           num_attention_heads=5, num_key_value_heads=5, max_position_embeddings=512)
+    return T.LlamaForCausalLM(config).eval()
+
+
+def bench_nnsight(ids, repeats):
+    from nnsight import NNsight
+
+    hf = hf_llama()
+    wrapped = NNsight(hf)
+
+    def plain():
+        with torch.no_grad():
+            hf(input_ids=ids, use_cache=False)
+
+    def capture():
+        with torch.no_grad(), wrapped.trace(input_ids=ids, use_cache=False):
+            saved = [layer.output.save() for layer in wrapped.model.layers]
+        return saved
+
+    base = median_time(plain, repeats)
+    return base, median_time(capture, repeats)
+
+
+def bench_transformer_lens(ids, repeats):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(d_model=320, d_head=64, n_heads=5, n_layers=6, d_mlp=864, d_vocab=8192, n_ctx=512,
+                                  act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
+                                  gated_mlp=True, seed=0)
+    model = HookedTransformer(cfg).eval()
+
+    def plain():
+        with torch.no_grad():
+            model(ids)
+
+    def capture():
+        with torch.no_grad():
+            model.run_with_cache(ids, names_filter=lambda name: name.endswith("hook_resid_post"))
+
+    base = median_time(plain, repeats)
+    return base, median_time(capture, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    ids = torch.randint(0, 8192, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    for name, bench in [("nnsight", bench_nnsight), ("TransformerLens", bench_transformer_lens)]:
+        try:
+            base, cap = bench(ids, args.repeats)
+        except Exception as exc:  # a peer that does not install or run here is reported, not fatal
+            print(f"{name:40s} not measured: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
+            continue
+        print(f"{name + ' capture resid (own plain fwd)':40s} {cap * 1e3:9.1f} {cap / base:7.3f}x  "
+              f"(its plain forward {base * 1e3:.1f} ms)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Neuron readout: which tokens each MLP neuron promotes, read through the unembedding.
+
+An MLP neuron j of block i writes ``a_j * w_j`` into the residual stream, where ``w_j`` is its
+output weight vector (column j of the down projection; row j of GPT-2's transposed Conv1D).
+Decoding ``w_j`` like a residual vector -- the linear part of the final norm, then the LM head --
+gives the tokens the neuron pushes up when it fires (Geva et al. 2022, "Transformer Feed-Forward
+Layers Build Predictions by Promoting Concepts in the Vocabulary Space"; Dar et al. 2023,
+"Analyzing Transformers in Embedding Space"). One matrix multiply per layer, no data needed.
+
+The linear part of the final norm is ``(norm(w) - norm(-w)) / 2``: the norm's gain applied to
+the centered (LayerNorm) and RMS-normalised vector, with the LayerNorm bias removed. Normalising
+every neuron's vector to the same scale makes the peakedness score comparable across neurons.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from actlab.analyses.base import Skipped
+from actlab.analyses.lenses import Decoder
+from actlab.errors import ActlabError
+
+
+def neuron_output_vectors(model, layer: int) -> torch.Tensor:
+    """[d_mlp, d_model]: row j is the vector neuron j of ``layer`` adds to the residual per unit activation."""
+    site = f"mlp.hidden.{layer}"
+    if site not in model.sitemap:
+        raise ActlabError(f"{model.sitemap.model_class} has no '{site}' site (no MLP down projection found)")
+    module = model.hf.get_submodule(model.sitemap[site].module_path)
+    weight = module.weight.detach()
+    if type(module).__name__ == "Conv1D":  # GPT-2: weight is [in_features, out_features]
+        return weight
+    return weight.T  # nn.Linear: weight is [out_features, in_features]
+
+
+def _token_text(tokenizer, cache: dict[int, str], token_id: int) -> str:
+    if token_id in cache:
+        return cache[token_id]
+    text = str(token_id)
+    try:
+        if hasattr(tokenizer, "decode"):
+            text = tokenizer.decode([token_id])
+        elif hasattr(tokenizer, "batch_decode"):
+            text = tokenizer.batch_decode([[token_id]])[0]
+    except Exception:  # a tokenizer that cannot decode a lone id
+        pass
+    cache[token_id] = text
+    return text
+
+
+@dataclass
+class ReadoutResult:
+    key: str
+    title: str
+    explanation: str
+    layers: list[int]
+    d_mlp: int
+    layer: torch.Tensor  # [N] block of each neuron (all neurons, layer-major)
+    neuron: torch.Tensor  # [N] index inside the block
+    top_ids: torch.Tensor  # [N, top_tokens] most promoted token ids
+    top_probs: torch.Tensor  # [N, top_tokens] their softmax probabilities
+    entropy: torch.Tensor  # [N] entropy (nats) of the decoded distribution
+    token_text: dict[int, str] = field(default_factory=dict)
+    normed: bool = True
+
+    @property
+    def score(self) -> torch.Tensor:
+        """Interpretability score: probability of the top token (peakedness of the readout)."""
+        return self.top_probs[:, 0]
+
+    @property
+    def ranking(self) -> torch.Tensor:
+        """Row indices, most interpretable (highest top-token probability) first."""
+        return torch.argsort(self.score, descending=True, stable=True)
+
+    def tokens(self, row: int) -> list[str]:
+        return [self.token_text.get(int(t), str(int(t))) for t in self.top_ids[row]]
+
+    def top(self, n: int = 20) -> list[dict]:
+        out = []
+        for rank, row in enumerate(self.ranking[:n].tolist(), 1):
+            out.append({"rank": rank, "layer": int(self.layer[row]), "neuron": int(self.neuron[row]),
+                        "top_token_ids": self.top_ids[row].tolist(), "top_tokens": self.tokens(row),
+                        "score": float(self.score[row]), "entropy": float(self.entropy[row])})
+        return out
+
+    def layer_mean_score(self) -> list[float]:
+        return [float(self.score[self.layer == i].mean()) for i in self.layers]
+
+    def headline(self) -> str:
+        best = self.top(1)[0]
+        return (f"most peaked neuron L{best['layer']}.{best['neuron']} → {best['top_tokens'][0]!r} "
+                f"(p={best['score']:.2f}); median top-token p {float(self.score.median()):.3f}")
+
+    def to_dict(self) -> dict[str, Any]:
+        score = self.score
+        rows = [[int(self.layer[r]), int(self.neuron[r]), self.top_ids[r].tolist(), self.tokens(r),
+                 round(float(score[r]), 6), round(float(self.entropy[r]), 6)] for r in range(self.layer.numel())]
+        return {
+            "layers": list(self.layers),
+            "d_mlp": self.d_mlp,
+            "normed": self.normed,
+            "score": "probability of the top token after decoding the neuron's output vector",
+            "layer_mean_score": [round(v, 6) for v in self.layer_mean_score()],
+            "top": self.top(20),
+            "neurons": {"columns": ["layer", "neuron", "top_token_ids", "top_tokens", "score", "entropy"],
+                        "rows": rows},
+        }
+
+    def figures(self) -> list:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(6.0, 3.4))
+        ax = fig.add_subplot(1, 1, 1)
+        data = [self.score[self.layer == i].numpy() for i in self.layers]
+        ax.boxplot(data, positions=self.layers, widths=0.6, showfliers=True, flierprops={"markersize": 2})
+        ax.set_yscale("log")
+        ax.set_xlabel("block")
+        ax.set_ylabel("top-token probability per neuron")
+        ax.grid(alpha=0.3, axis="y")
+        ax.set_title("How peaked each neuron's vocabulary readout is")
+        fig.tight_layout()
+        return [fig]
+
+    def table(self):
+        cols = ["rank", "neuron", "top tokens", "top-token prob", "entropy"]
+        rows = [[t["rank"], f"L{t['layer']}.{t['neuron']}", " · ".join(repr(s) for s in t["top_tokens"]),
+                 round(t["score"], 4), round(t["entropy"], 3)] for t in self.top(20)]
+        return cols, rows
+
+
+EXPLANATION = (
+    "What does each MLP neuron write? A neuron adds its output weight vector to the residual stream, scaled by its "
+    "activation; decoding that vector with the model's final norm and unembedding, as the logit lens decodes a "
+    "hidden state, lists the tokens the neuron promotes when it fires (Geva et al., 2022, 'Transformer Feed-Forward "
+    "Layers Build Predictions by Promoting Concepts in the Vocabulary Space'). The score is the probability of the "
+    "top token in that decoded distribution: a neuron whose readout concentrates on one or a few related tokens is "
+    "easy to read, a flat one is not. The table lists the 20 most peaked neurons; the plot shows the spread of the "
+    "score per block (later blocks usually read out more sharply)."
+)
+
+
+def neuron_readout(model, top_tokens: int = 10, *, normed: bool = True) -> ReadoutResult | Skipped:
+    """Top tokens promoted by every MLP neuron, and a peakedness ranking.
+
+    ``normed=True`` decodes the linear part of the final norm applied to the vector (every
+    neuron on the same scale); ``normed=False`` feeds the raw vector to the LM head.
+    """
+    title = "Neuron readout"
+    if not model.has_lm_head:
+        return Skipped(key="readout", title=title, explanation=EXPLANATION,
+                       reason=f"{model.sitemap.model_class} has no LM head (an encoder); neuron outputs cannot be decoded")
+    layers = [i for i in range(model.n_layers) if f"mlp.hidden.{i}" in model.sitemap]
+    if not layers:
+        return Skipped(key="readout", title=title, explanation=EXPLANATION,
+                       reason=f"no MLP down projection found in {model.sitemap.model_class}")
+    decoder = Decoder(model)
+    k = max(1, min(int(top_tokens), decoder.vocab_size))
+    chunk = max(16, (1 << 23) // max(1, decoder.vocab_size))
+    layer_ids, neuron_ids, ids_all, probs_all, ent_all = [], [], [], [], []
+    for i in layers:
+        vectors = neuron_output_vectors(model, i)
+        for start in range(0, vectors.shape[0], chunk):
+            w = vectors[start : start + chunk]
+            if normed:
+                with torch.no_grad():
+                    lin = (decoder.normed(w) - decoder.normed(-w)) / 2
+                logits = decoder.logits(lin)
+            else:
+                logits = decoder.logits(w)
+            logp = torch.log_softmax(logits, -1)
+            top_lp, top_id = logp.topk(k, dim=-1)
+            ent = -(logp.exp() * logp).sum(-1)
+            ids_all.append(top_id)
+            probs_all.append(top_lp.exp())
+            ent_all.append(ent)
+            layer_ids.append(torch.full((w.shape[0],), i, dtype=torch.long))
+            neuron_ids.append(torch.arange(start, start + w.shape[0]))
+    top_ids = torch.cat(ids_all)
+    cache: dict[int, str] = {}
+    for t in torch.unique(top_ids).tolist():
+        _token_text(model.tokenizer, cache, int(t))
+    return ReadoutResult(
+        key="readout",
+        title=title,
+        explanation=EXPLANATION,
+        layers=layers,
+        d_mlp=int(model.d_mlp or 0),
+        layer=torch.cat(layer_ids),
+        neuron=torch.cat(neuron_ids),
+        top_ids=top_ids,
+        top_probs=torch.cat(probs_all),
+        entropy=torch.cat(ent_all),
+        token_text=cache,
+        normed=normed,
+    )
+
+
+__all__ = ["ReadoutResult", "neuron_output_vectors", "neuron_readout"]

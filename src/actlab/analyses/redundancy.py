@@ -1,0 +1,265 @@
+"""Module redundancy: how little each attention / MLP sub-layer changes the residual stream.
+
+"What Matters in Transformers? Not All Attention Is Needed" (He et al., 2024) scores every
+sub-layer by the cosine similarity between its input and its output (high similarity = the
+sub-layer barely changes the hidden state = redundant) and shows that many attention sub-layers
+of trained LLMs can be dropped with little loss. Here the similarity is averaged over the profile
+reservoir's tokens, and the k most redundant attention sub-layers are dropped (their output set
+to zero, so the residual connection passes the input through) and the perplexity compared with
+dropping k random and the k least redundant ones.
+
+Definitions of a sub-layer's input X and output Y, from the reservoir sites:
+
+* sequential pre-LN blocks (Llama, GPT-2, Gemma, ...): attention X = ``resid.{i-1}`` (``embed``
+  for block 0), Y = X + ``attn.i``; MLP X = X_attn + ``attn.i``, Y = ``resid.i``.
+* parallel residual (GPT-NeoX ``use_parallel_residual``, Phi-1/2, GPT-J, Falcon ``parallel_attn``):
+  both sub-layers read the same X = ``resid.{i-1}``; attention Y = X + ``attn.i``, MLP Y = X + ``mlp.i``.
+* post-LN blocks (BERT family, ``sitemap.sequential`` False): attention X = ``resid.{i-1}``,
+  Y = X + ``attn.i`` (the sum that enters the attention LayerNorm); MLP X = LN_attn(X + ``attn.i``)
+  (recomputed with the block's attention-output LayerNorm), Y = that + ``mlp.i`` (the sum that
+  enters the output LayerNorm). The LayerNorms themselves are not part of either sub-layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from actlab.analyses.base import ProfileData
+from actlab.analyses.linearity import _float, _floats, block_input_site, log_perplexity, require_sites
+from actlab.errors import ActlabError
+
+_PARALLEL_TYPES = {"phi", "gptj", "codegen", "cohere", "cohere2"}
+
+
+def is_parallel_residual(model) -> bool:
+    """True when attention and MLP of a block both read the block input (no sequential residual)."""
+    cfg = getattr(model.hf.config, "text_config", None) or model.hf.config
+    if getattr(cfg, "use_parallel_residual", False) or getattr(cfg, "parallel_attn", False):
+        return True
+    if getattr(cfg, "new_decoder_architecture", False):  # Falcon-40B style
+        return True
+    return model.sitemap.model_type in _PARALLEL_TYPES
+
+
+def block_structure(model) -> str:
+    """'sequential', 'parallel' or 'post-ln': which definition of sub-layer input/output applies."""
+    if not model.sitemap.sequential:
+        return "post-ln"
+    return "parallel" if is_parallel_residual(model) else "sequential"
+
+
+def _attn_layernorm(model, i: int):
+    """The LayerNorm a post-LN block applies after adding the attention output (BERT: attention.output.LayerNorm)."""
+    path = model.sitemap[f"attn.{i}"].module_path
+    parent = model.hf.get_submodule(path.rsplit(".", 1)[0])
+    for name in ("LayerNorm", "layer_norm", "layernorm", "ln", "norm"):
+        module = getattr(parent, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    return None
+
+
+def mean_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Average over rows of cos(x_row, y_row)."""
+    x, y = x.double(), y.double()
+    cos = (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1)).clamp(min=1e-30)
+    return float(cos.mean())
+
+
+class ZeroSite:
+    """Edit that sets a site to zero (drops an attention or MLP sub-layer: the residual passes through)."""
+
+    def __init__(self, site: str):
+        self.site = site
+
+    def __call__(self, h: torch.Tensor, state) -> torch.Tensor:
+        return torch.zeros_like(h)
+
+    def __repr__(self) -> str:
+        return f"ZeroSite({self.site!r})"
+
+
+def drop_attention(layers: Sequence[int]) -> list[ZeroSite]:
+    """Edits dropping the attention sub-layers of ``layers`` (``with model.edit(drop_attention([3, 5])): ...``)."""
+    return [ZeroSite(f"attn.{i}") for i in layers]
+
+
+@dataclass
+class RedundancyResult:
+    key: str
+    title: str
+    explanation: str
+    layers: list[int]
+    attn_cos: list[float]  # mean cos(input, output) of the attention sub-layer, per block
+    mlp_cos: list[float]
+    structure: str  # 'sequential', 'parallel' or 'post-ln'
+    ranking: list[int]  # attention sub-layers, most redundant first
+    base_perplexity: float | None = None
+    drops: list[dict] = field(default_factory=list)  # {k, strategy, layers, perplexity}
+    note: str = ""
+
+    def drop(self, k: int, strategy: str) -> dict | None:
+        for d in self.drops:
+            if d["k"] == k and d["strategy"] == strategy:
+                return d
+        return None
+
+    def headline(self) -> str:
+        top = self.ranking[0]
+        text = f"most redundant attention: block {top} (cos {self.attn_cos[top]:.3f})"
+        ks = sorted({d["k"] for d in self.drops})
+        if ks and self.base_perplexity is not None:
+            k = max(ks)
+            most, rand = self.drop(k, "most"), self.drop(k, "random")
+            text += f"; drop {k}: ppl {self.base_perplexity:.2f} → {most['perplexity']:.2f}"
+            if rand is not None:
+                text += f" (random {k}: {rand['perplexity']:.2f})"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": list(self.layers),
+            "attn_cos": _floats(self.attn_cos),
+            "mlp_cos": _floats(self.mlp_cos),
+            "structure": self.structure,
+            "ranking": list(self.ranking),
+            "base_perplexity": _float(self.base_perplexity),
+            "drops": [{"k": d["k"], "strategy": d["strategy"], "layers": list(d["layers"]),
+                       "perplexity": _float(d["perplexity"])} for d in self.drops],
+            "note": self.note,
+        }
+
+    def figures(self) -> list:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+
+        figs = []
+        fig = Figure(figsize=(6.0, 3.4))
+        ax = fig.add_subplot(1, 1, 1)
+        ax.plot(self.layers, self.attn_cos, "o-", label="attention")
+        ax.plot(self.layers, self.mlp_cos, "s-", label="MLP")
+        ax.set_xlabel("block")
+        ax.set_ylabel("mean cos(input, output)")
+        ax.set_xticks(self.layers)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title("Sub-layer redundancy (He et al. 2024): higher = changes less")
+        fig.tight_layout()
+        figs.append(fig)
+        if self.drops and self.base_perplexity is not None:
+            fig2 = Figure(figsize=(5.2, 3.4))
+            ax2 = fig2.add_subplot(1, 1, 1)
+            for strategy, marker in (("most", "o-"), ("random", "^--"), ("least", "s:")):
+                pts = sorted((d["k"], d["perplexity"]) for d in self.drops if d["strategy"] == strategy)
+                if pts:
+                    ax2.plot([0] + [p[0] for p in pts], [self.base_perplexity] + [p[1] for p in pts], marker,
+                             label=f"{strategy} redundant" if strategy != "random" else "random")
+            ax2.set_xlabel("attention sub-layers dropped (k)")
+            ax2.set_ylabel("perplexity")
+            ax2.set_yscale("log")
+            ax2.grid(alpha=0.3)
+            ax2.legend(fontsize=8)
+            fig2.tight_layout()
+            figs.append(fig2)
+        return figs
+
+    def table(self):
+        cols = ["k", "strategy", "dropped attention blocks", "perplexity", "× base"]
+        rows = []
+        for d in self.drops:
+            ratio = d["perplexity"] / self.base_perplexity if self.base_perplexity else None
+            rows.append([d["k"], d["strategy"], ", ".join(map(str, d["layers"])), round(d["perplexity"], 3),
+                         None if ratio is None else round(ratio, 3)])
+        return cols, rows
+
+
+EXPLANATION = (
+    "Which sub-layers barely change the hidden state? Following 'What Matters in Transformers? Not All Attention Is "
+    "Needed' (He et al., 2024), each attention and MLP sub-layer is scored by the cosine similarity between its "
+    "input and its output (input plus what the sub-layer adds to the residual stream), averaged over sampled tokens: "
+    "close to 1 means the sub-layer is nearly an identity and likely redundant. The table drops the k attention "
+    "sub-layers with the highest similarity (their output set to zero, so the residual passes through) and reports "
+    "the perplexity on held-out text next to dropping k random and the k least redundant ones; if similarity "
+    "identifies redundancy, the 'most redundant' line stays lowest."
+)
+
+
+def module_redundancy(
+    model,
+    data: ProfileData,
+    eval_texts: Sequence[str] | None = None,
+    ks: Sequence[int] = (1, 2, 4),
+    *,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> RedundancyResult:
+    """Input/output cosine of every attention and MLP sub-layer, and perplexity when dropping attention.
+
+    The dropping experiment runs on models with an LM head when ``eval_texts`` (default
+    ``data.eval_texts``) are given, for every ``k`` in ``ks`` smaller than the number of layers.
+    """
+    n_layers = model.n_layers
+    structure = block_structure(model)
+    needed = ["embed"] + [f"resid.{i}" for i in range(n_layers)] + [f"attn.{i}" for i in range(n_layers)]
+    if structure != "sequential":
+        needed += [f"mlp.{i}" for i in range(n_layers)]
+    require_sites(data, needed, "module_redundancy")
+    s = data.samples
+    attn_cos, mlp_cos = [], []
+    note = ""
+    for i in range(n_layers):
+        x = s[block_input_site(model, i)].double()
+        attn = s[f"attn.{i}"].double()
+        attn_cos.append(mean_cosine(x, x + attn))
+        if structure == "sequential":
+            mid = x + attn
+            mlp_cos.append(mean_cosine(mid, s[f"resid.{i}"].double()))
+        elif structure == "parallel":
+            mlp_cos.append(mean_cosine(x, x + s[f"mlp.{i}"].double()))
+        else:
+            norm = _attn_layernorm(model, i)
+            if norm is None:
+                mlp_cos.append(float("nan"))
+                note = "post-LN block without a recognisable attention LayerNorm: MLP similarity not computed"
+                continue
+            with torch.no_grad():
+                p = next(norm.parameters(), None)
+                mid = norm((x + attn).to(p.dtype if p is not None else torch.float32)).double()
+            mlp_cos.append(mean_cosine(mid, mid + s[f"mlp.{i}"].double()))
+    layers = list(range(n_layers))
+    ranking = sorted(layers, key=lambda i: -attn_cos[i])
+    result = RedundancyResult(key="redundancy", title="Module redundancy", explanation=EXPLANATION, layers=layers,
+                              attn_cos=attn_cos, mlp_cos=mlp_cos, structure=structure, ranking=ranking, note=note)
+    texts = list(eval_texts) if eval_texts is not None else list(data.eval_texts)
+    ks = sorted({int(k) for k in ks if 0 < int(k) < n_layers})
+    if not model.has_lm_head:
+        result.note = (note + "; " if note else "") + "dropping not run: the model has no LM head"
+        return result
+    if not texts:
+        result.note = (note + "; " if note else "") + "dropping not run: no evaluation texts were given"
+        return result
+    if not ks:
+        raise ActlabError(f"ks must hold at least one k in 1..{n_layers - 1}; got {list(ks)}")
+    result.base_perplexity = math.exp(log_perplexity(model, texts, batch_size))
+    gen = torch.Generator().manual_seed(seed)
+    for k in ks:
+        choices = {
+            "most": sorted(ranking[:k]),
+            "random": sorted(torch.randperm(n_layers, generator=gen)[:k].tolist()),
+            "least": sorted(ranking[-k:]),
+        }
+        for strategy, chosen in choices.items():
+            with model.edit(drop_attention(chosen)):
+                ppl = math.exp(log_perplexity(model, texts, batch_size))
+            result.drops.append({"k": k, "strategy": strategy, "layers": chosen, "perplexity": ppl})
+    return result
+
+
+__all__ = ["RedundancyResult", "ZeroSite", "block_structure", "drop_attention", "is_parallel_residual",
+           "mean_cosine", "module_redundancy"]

@@ -1,0 +1,236 @@
+"""The Intervention protocol: a serialisable edit of one site, scaled by a coefficient, composable.
+
+Every intervention is an engine Edit (``site`` + ``__call__(h, state) -> new h``), so it runs
+through the same hooks as captures. Additive ones also expose ``delta(h)`` — the change they add
+— which is what Command-V converts between models. Files are safetensors with a JSON header that
+records the model the intervention was made for; loading it onto another model is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterable
+
+import torch
+from safetensors import SafetensorError as SafeTensorError
+from safetensors.torch import load_file, save_file
+
+from actlab.engine.edits import POSITION_MODES, check_finite, column_mask
+from actlab.engine.hooks import ForwardState
+from actlab.errors import ActlabError
+
+FORMAT = "actlab.intervention"
+FORMAT_VERSION = 1
+_REGISTRY: dict[str, type["Intervention"]] = {}
+
+
+def register(cls):
+    _REGISTRY[cls.kind] = cls
+    return cls
+
+
+@dataclass
+class Intervention:
+    """Base class: subclasses set ``kind``, ``tensor_names`` and implement ``delta`` or ``apply``."""
+
+    kind: ClassVar[str] = "base"
+    tensor_names: ClassVar[tuple[str, ...]] = ()
+
+    site: str
+    coef: float = 1.0
+    positions: str = "all"  # all | prompt | generated
+    model: dict[str, Any] = field(default_factory=dict)  # identity of the model it was made for
+    params: dict[str, Any] = field(default_factory=dict)  # hyper-parameters and fit diagnostics
+
+    def __post_init__(self) -> None:
+        check_finite(self.coef, "the coefficient")
+        if self.positions not in POSITION_MODES:
+            raise ActlabError(f"positions must be one of {POSITION_MODES}, not {self.positions!r}")
+        for name in self.tensor_names:
+            value = getattr(self, name)
+            if value is not None:
+                check_finite(value, f"{self.kind} tensor '{name}'")
+
+    # ----------------------------------------------------------------- math
+    additive: ClassVar[bool] = True
+
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        """The change added to ``h`` at coefficient 1 (additive interventions)."""
+        raise NotImplementedError
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        """The edited activation at all positions (default: h + coef * delta)."""
+        return h + self.coef * self.delta(h)
+
+    def __call__(self, h: torch.Tensor, state: ForwardState) -> torch.Tensor:
+        if h.shape[-1] != self.width:
+            raise ActlabError(
+                f"{self.kind} for '{self.site}' has width {self.width} but the model's site has width {h.shape[-1]}; "
+                "it was made for another model: use `actlab paste` to transfer it"
+            )
+        new = self.apply(h)
+        cols = column_mask(state, self.positions)
+        if cols is None:
+            return new
+        keep = cols.to(h.device).view(1, -1, *([1] * (h.ndim - 2)))
+        return torch.where(keep, new, h)
+
+    @property
+    def width(self) -> int:
+        raise NotImplementedError
+
+    def edits(self) -> list["Intervention"]:
+        return [self]
+
+    # ------------------------------------------------------------ algebra
+    def scaled(self, coef: float) -> "Intervention":
+        """A copy with the coefficient multiplied by ``coef``."""
+        check_finite(coef, "the coefficient")
+        new = copy.copy(self)
+        new.coef = self.coef * float(coef)
+        return new
+
+    def __mul__(self, coef: float) -> "Intervention":
+        return self.scaled(coef)
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> "Intervention":
+        return self.scaled(-1.0)
+
+    def __add__(self, other) -> "Composition":
+        return Composition(self.edits() + other.edits())
+
+    def at(self, positions: str) -> "Intervention":
+        new = copy.copy(self)
+        new.positions = positions
+        new.__post_init__()
+        return new
+
+    # ---------------------------------------------------------- model check
+    def check_model(self, model) -> None:
+        """Refuse to apply to a model of another shape (or, with a config hash, another model)."""
+        if self.site not in model.sites:
+            model.resolve([self.site])  # raises the unknown-site error
+        expected = model.sites[self.site]
+        made_for = self.model.get("model_name", "another model")
+        if expected != self.width:
+            raise ActlabError(
+                f"this {self.kind} was made for {made_for} ('{self.site}' width {self.width}); "
+                f"{model.name} has width {expected} there. Transfer it with `actlab paste run` instead"
+            )
+        ours = self.model.get("config_hash")
+        if ours and ours != model.config_hash:
+            raise ActlabError(
+                f"this {self.kind} was made for {made_for} (config {ours}); {model.name} has another configuration "
+                f"({model.config_hash}). Transfer it with `actlab paste run` instead"
+            )
+
+    # ------------------------------------------------------------- files
+    def header(self) -> dict[str, Any]:
+        from actlab import __version__
+
+        return {
+            "kind": self.kind, "site": self.site, "coef": self.coef, "positions": self.positions,
+            "model": self.model, "params": self.params, "actlab_version": __version__,
+        }
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n).detach().float().contiguous().cpu() for n in self.tensor_names
+                if getattr(self, n) is not None}
+
+    def save(self, path: str | Path) -> Path:
+        return save_interventions([self], path)
+
+
+class Composition:
+    """Several interventions applied together (in order); saved as one file."""
+
+    def __init__(self, items: Iterable[Intervention]):
+        self.items = list(items)
+
+    def edits(self) -> list[Intervention]:
+        return list(self.items)
+
+    def __add__(self, other) -> "Composition":
+        return Composition(self.items + other.edits())
+
+    def __mul__(self, coef: float) -> "Composition":
+        return Composition(i.scaled(coef) for i in self.items)
+
+    __rmul__ = __mul__
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def check_model(self, model) -> None:
+        for item in self.items:
+            item.check_model(model)
+
+    def save(self, path: str | Path) -> Path:
+        return save_interventions(self.items, path)
+
+
+def save_interventions(items: list[Intervention], path: str | Path) -> Path:
+    """Write interventions to one safetensors file; tensors are keyed ``{index}/{name}``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    headers = []
+    for i, item in enumerate(items):
+        headers.append(item.header())
+        for name, tensor in item.tensors().items():
+            tensors[f"{i}/{name}"] = tensor
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "interventions": json.dumps(headers)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def load_interventions(path: str | Path, model=None) -> Intervention | Composition:
+    """Read an intervention file; with ``model``, refuse one made for a different model."""
+    path = Path(path)
+    if not path.is_file():
+        raise ActlabError(f"intervention file '{path}' does not exist")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafeTensorError, OSError, ValueError) as exc:
+        raise ActlabError(f"'{path}' is not a readable safetensors file ({exc}); was it written by actlab?") from None
+    if metadata.get("format") != FORMAT:
+        raise ActlabError(f"'{path}' is not an actlab intervention file (format: {metadata.get('format')!r})")
+    items = []
+    for i, header in enumerate(json.loads(metadata["interventions"])):
+        cls = _REGISTRY.get(header["kind"])
+        if cls is None:
+            raise ActlabError(f"'{path}' holds an intervention of unknown kind {header['kind']!r}; upgrade actlab")
+        own = {name: tensors[f"{i}/{name}"] for name in cls.tensor_names if f"{i}/{name}" in tensors}
+        items.append(cls(site=header["site"], coef=header["coef"], positions=header["positions"],
+                         model=header["model"], params=header["params"], **own))
+    result: Intervention | Composition = items[0] if len(items) == 1 else Composition(items)
+    if model is not None:
+        result.check_model(model)
+    return result
+
+
+def load_with_coef(spec: str, model=None) -> Intervention | Composition:
+    """``FILE`` or ``FILE:COEF`` (the CLI's --edit syntax) → a loaded, scaled intervention."""
+    path, _, coef = spec.rpartition(":") if ":" in spec else (spec, "", "")
+    if not path:
+        path, coef = spec, ""
+    try:
+        value = float(coef) if coef else 1.0
+    except ValueError:
+        raise ActlabError(f"--edit expects FILE or FILE:COEF, e.g. vec.safetensors:4.0, not {spec!r}") from None
+    check_finite(value, f"the coefficient in {spec!r}")
+    return load_interventions(path, model) * value

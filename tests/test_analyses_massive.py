@@ -1,0 +1,145 @@
+"""Massive activations: planted outliers are found where they were put, ablations do what they say."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from actlab.analyses.base import ProfileData, collect_profile_data
+from actlab.analyses.massive import MassiveResult, MassiveSet, massive_activations
+from actlab.engine.batch import TokenBatch
+from actlab.engine.reservoir import Reservoir
+from actlab.stats import StatsSink
+from test_analyses_sparsity import DOCS, check_protocol, load_demo, load_tiny
+
+CHANNEL, POSITION, BUMP = 7, 2, 500.0
+
+
+@dataclass
+class Plant:
+    """Adds ``value`` to one channel at one absolute position (a planted massive activation)."""
+
+    site: str
+    channel: int
+    position: int
+    value: float
+
+    def __call__(self, h, state):
+        h = h.clone()
+        cols = state.columns
+        if self.position in cols.tolist():
+            h[:, self.position - int(cols[0]), self.channel] += self.value
+        return h
+
+
+def test_planted_massive_activation_found_and_ablated():
+    model = load_tiny("llama")
+    with model.edit(Plant("resid.1", CHANNEL, POSITION, BUMP)):
+        data = collect_profile_data(model, DOCS, eval_texts=DOCS[:4])
+        res = massive_activations(model, data, prompts=DOCS, ablation_texts=DOCS[:4])
+        # the zero ablation removes exactly the planted entries: compare with a direct capture
+        with model.capture("resid.1") as plain:
+            model(DOCS[:2])
+        zero = MassiveSet("resid.1", [CHANNEL], [0.0], cutoff=100 * res.median_abs[1])
+        with model.edit(zero), model.capture("resid.1") as cap:
+            model(DOCS[:2])
+    assert isinstance(res, MassiveResult)
+    assert res.layers == [0, 1, 2]
+    assert res.first_appearance == {CHANNEL: 1}
+    assert res.massive_layers == [1, 2] and res.top1_ratio[0] < 100
+    top = res.top[1][0]
+    assert (top["channel"], top["position"]) == (CHANNEL, POSITION)
+    assert top["ratio"] > 100 and abs(top["value"]) > BUMP - 5
+    median = float(np.median(data.samples["resid.1"].abs().numpy()))
+    assert res.median_abs[1] == pytest.approx(median)
+    assert top["ratio"] == pytest.approx(abs(top["value"]) / median)
+    token_id = model.tokenize([DOCS[top["doc_id"]]])[0][0, POSITION]
+    assert top["token_id"] == int(token_id)
+    # input invariance: every prompt has its maximum in the planted channel and position
+    inv = res.invariance[1]
+    assert inv["modal_channel"] == CHANNEL and inv["modal_channel_frac"] == 1.0
+    assert inv["position_counts"] == {POSITION: len(DOCS)}
+    # ablation at the first layer, on the planted entries only
+    ab = res.ablation
+    assert ab["ran"] and [(e["layer"], e["channel"]) for e in ab["entries"]] == [(1, CHANNEL)]
+    assert ab["n_set_zero"] == ab["n_set_mean"] == 4  # one planted entry per ablation text
+    assert ab["entries"][0]["mean_value"] == pytest.approx(BUMP, rel=0.02)
+    assert ab["zero_ppl"] != ab["base_ppl"]
+    assert abs(ab["mean_rise_pct"]) < abs(ab["zero_rise_pct"])
+    x, y = plain["resid.1"], cap["resid.1"]
+    assert float(y[:, POSITION, CHANNEL].abs().max()) == 0.0
+    x[:, POSITION, CHANNEL] = 0.0
+    assert torch.equal(x, y)
+    assert zero.n_set == 2
+    check_protocol(res)
+
+
+def test_synthetic_profile_without_model():
+    gen = torch.Generator().manual_seed(1)
+    n, width = 300, 24
+    acts = {f"resid.{i}": torch.randn(n, width, generator=gen) for i in range(3)}
+    acts["resid.2"][123, 5] = -1000.0  # doc 6, position 3 (20 tokens per doc)
+    batch = TokenBatch(acts=acts, token_ids=torch.arange(n) % 50, doc_ids=torch.arange(n) // 20,
+                       positions=torch.arange(n) % 20)
+    stats, samples = StatsSink({s: width for s in acts}), Reservoir(n)
+    stats.consume(batch)
+    samples.consume(batch)
+    res = massive_activations(None, ProfileData(stats=stats, samples=samples, n_tokens=n))
+    assert res.massive_layers == [2] and res.first_appearance == {5: 2}
+    top = res.top[2][0]
+    assert (top["value"], top["channel"], top["doc_id"], top["position"], top["token_id"]) == (-1000.0, 5, 6, 3, 23)
+    ref_median = float(np.median(np.abs(acts["resid.2"].numpy())))
+    assert top["ratio"] == pytest.approx(1000.0 / ref_median, rel=1e-6)
+    assert res.top1_ratio[0] < 10 and res.n_prompts == 0
+    assert not res.ablation["ran"] and "LM head" in res.ablation["note"]
+    check_protocol(res)
+
+
+def test_nothing_massive_on_random_model():
+    model = load_tiny("gpt2")
+    data = collect_profile_data(model, DOCS, eval_texts=DOCS[:2])
+    res = massive_activations(model, data, prompts=DOCS[:3])
+    assert res.massive_layers == [] and not res.ablation["ran"]
+    assert "nothing to ablate" in res.ablation["note"]
+    assert res.n_prompts == 3 and all(inv for inv in res.invariance)
+    assert "none" in res.headline()
+    check_protocol(res)
+
+
+def test_bert_runs_but_skips_ablation():
+    model = load_tiny("bert")
+    data = collect_profile_data(model, DOCS, eval_texts=DOCS[:2])
+    res = massive_activations(model, data, prompts=DOCS[:3], threshold=2.0)  # low bar: something is flagged
+    assert isinstance(res, MassiveResult) and res.layers == [0, 1, 2]
+    assert res.first_appearance  # flagged ...
+    assert not res.ablation["ran"] and "encoder" in res.ablation["note"]  # ... but no perplexity on an encoder
+    with model.capture("resid.*") as cap:
+        model(DOCS[:3])
+    mask = cap.mask.bool()
+    for j, site in enumerate(res.sites):
+        a = cap[site].abs()
+        chans = [int(a[b][mask[b]].flatten().argmax()) % a.shape[-1] for b in range(3)]
+        assert res.invariance[j]["channel_counts"] == {c: chans.count(c) for c in sorted(set(chans), key=lambda c: -chans.count(c))}
+    check_protocol(res)
+
+
+@pytest.mark.slow
+def test_demo_models_massive_report():
+    for name in ("demo-gpt2", "demo-llama"):
+        model = load_demo(name)
+        texts = [
+            "The cat sat on the mat and looked out of the window at the rain.",
+            "In the beginning was the word, and the word was with God.",
+            "To install the package, run pip install and then import it in Python.",
+            "A fortune: you will meet an old friend in an unexpected place.",
+        ] * 2
+        data = collect_profile_data(model, texts, eval_texts=texts[:4], reservoir_size=1024)
+        res = massive_activations(model, data, prompts=texts[:4], ablation_texts=texts[:4])
+        assert isinstance(res, MassiveResult) and len(res.layers) == model.n_layers
+        assert all(r >= 1 for r in res.top1_ratio)
+        if res.ablation["ran"]:
+            assert res.ablation["n_set_zero"] > 0
+        check_protocol(res)

@@ -1,0 +1,133 @@
+"""The bundled demo models load offline with the transformers Auto classes and match their cards."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import json
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+ZOO = Path(str(files("actlab") / "models" / "zoo"))
+NAMES = ["demo-gpt2", "demo-llama"]
+NEUTRAL = Path(str(files("actlab") / "datasets" / "genres" / "neutral.txt"))
+
+
+def model_dir(name: str) -> Path:
+    d = ZOO / name
+    assert (d / "config.json").is_file(), (
+        f"{d} has no exported model; run scripts/train_demo_models.py {name} (see docs/demo_models.md)"
+    )
+    return d
+
+
+_CACHE: dict = {}
+
+
+def load(name: str):
+    if name not in _CACHE:
+        d = model_dir(name)
+        _CACHE[name] = (AutoTokenizer.from_pretrained(str(d)), AutoModelForCausalLM.from_pretrained(str(d)).eval())
+    return _CACHE[name]
+
+
+def test_zoo_files_and_size():
+    total = 0
+    for name in NAMES:
+        d = model_dir(name)
+        for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                  "README.md", "eval_results.json", "training_summary.json"]:
+            assert (d / f).is_file(), f"{name}: missing {f}"
+        assert not list(d.glob("*.bin")) and not list(d.glob("*.pt")), "no pickle weights in the zoo"
+        total += sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+    assert total <= 40 * 1024 * 1024, f"zoo is {total / 2**20:.1f} MiB, the budget is 40 MiB"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_weights_are_float16_safetensors(name):
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir(name) / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"F16"}
+
+
+def test_architectures_differ_as_documented():
+    _, gpt2 = load("demo-gpt2")
+    _, llama = load("demo-llama")
+    assert type(gpt2).__name__ == "GPT2LMHeadModel"
+    assert type(llama).__name__ == "LlamaForCausalLM"
+    g, l = gpt2.config, llama.config
+    assert g.activation_function == "relu"
+    assert l.hidden_act == "silu"  # SwiGLU: gate_proj/up_proj/down_proj with SiLU
+    assert hasattr(llama.model.layers[0].mlp, "gate_proj")
+    assert g.n_embd != l.hidden_size and g.n_layer != l.num_hidden_layers
+    assert g.vocab_size == l.vocab_size == 4096
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tokenizer_round_trip(name):
+    tok, _ = load(name)
+    texts = [
+        "In the beginning God created the heaven and the earth.",
+        "def f(x):\n    return {'a': x ** 2}  # comment\n",
+        "hacker (noun): a programmer for whom computing is its own reward; \"a true hacker\"",
+        "Unicode: café, naïve, 𝄞, 日本語 — and tabs\tand  double  spaces.",
+    ]
+    for t in texts:
+        ids = tok(t)["input_ids"]
+        assert all(0 <= i < len(tok) for i in ids)
+        assert tok.decode(ids) == t
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token_id == tok.eos_token_id == 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_and_greedy_generation(name):
+    tok, model = load(name)
+    ids = tok(["And the LORD said unto Moses"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model(input_ids=ids)
+        assert out.logits.shape == (1, ids.shape[1], 4096)
+        assert torch.isfinite(out.logits).all()
+        g1 = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        g2 = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert g1.shape[1] == ids.shape[1] + 8
+    assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_perplexity_matches_model_card(name):
+    """Perplexity of the first 100 shipped neutral passages, as loaded by from_pretrained (float16),
+    within 3% of the number evaluate_demo_models.py recorded, and far below the unigram baseline."""
+    from actlab.evals import perplexity
+
+    tok, model = load(name)
+    res = json.loads((model_dir(name) / "eval_results.json").read_text())
+    texts = [ln for ln in NEUTRAL.read_text(encoding="utf-8").splitlines() if ln.strip()][:100]
+    ppl = perplexity(model, texts, tokenizer=tok)
+    ref = res["neutral"]["ppl_first100_default_dtype"]
+    assert abs(ppl - ref) / ref < 0.03, (ppl, ref)
+    assert ppl < 0.5 * res["all_genres"]["unigram_ppl"]
+    card = (model_dir(name) / "README.md").read_text()
+    assert f"{res['neutral']['ppl_all']:.2f}" in card
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_model_card_sections(name):
+    card = (model_dir(name) / "README.md").read_text()
+    for section in ["## Architecture", "## Training", "## Validation perplexity per genre",
+                    "## Sample generations", "## Genre of generations", "unigram"]:
+        assert section in card, section
+    res = json.loads((model_dir(name) / "eval_results.json").read_text())
+    for g in ["scripture", "fortunes", "jargon", "techdoc", "dictionary"]:
+        r = res["per_genre"][g]
+        assert r["ppl"] < r["unigram_ppl"], (g, r)  # the model beats the unigram baseline on every genre
+    assert len(res["samples"]) == 3
