@@ -303,6 +303,8 @@ def test_directory_checks(llama, docs, tmp_path):
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(ActlabError, match="not empty"):
         record(llama, docs[:3], "resid.0", foreign)
+    with pytest.raises(ActlabError, match="not part of an activation store"):
+        record(llama, docs[:3], "resid.0", foreign, overwrite=True)
     assert (foreign / "notes.txt").exists()
     with pytest.raises(ActlabError, match="not an activation store"):
         Store(foreign)

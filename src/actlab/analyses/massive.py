@@ -77,7 +77,7 @@ class MassiveResult:
     top: list[list[dict[str, Any]]]  # per layer: the largest |x| entries (value, channel, position, token, ratio)
     top1_ratio: list[float]
     massive_layers: list[int]  # layers whose top-1 ratio > threshold
-    massive_channels: dict[int, list[int]]  # layer -> channels holding a massive entry (among the top entries)
+    massive_channels: dict[int, list[dict[str, Any]]]  # layer -> [{channel, absmax, ratio}] with ratio > threshold
     first_appearance: dict[int, int]  # channel -> first layer where it is massive
     invariance: list[dict[str, Any]]  # per layer, over prompts (empty dicts when no prompts)
     n_prompts: int
@@ -127,7 +127,7 @@ class MassiveResult:
         }
 
     def table(self):
-        cols = ["layer", "top |x|", "median |x|", "ratio", "channel", "position", "token", "massive",
+        cols = ["layer", "top |x|", "median |x|", "ratio", "channel", "position", "token", "massive channels",
                 "same argmax channel over prompts %"]
         rows = []
         for i, layer in enumerate(self.layers):
@@ -135,7 +135,7 @@ class MassiveResult:
             inv = self.invariance[i] if i < len(self.invariance) else {}
             rows.append([
                 layer, _round(abs(t.get("value", math.nan))), _round(self.median_abs[i]), _round(self.top1_ratio[i]),
-                t.get("channel"), t.get("position"), t.get("token", ""), self.top1_ratio[i] > self.threshold,
+                t.get("channel"), t.get("position"), t.get("token", ""), _channels_text(self.massive_channels.get(layer, [])),
                 round(100 * inv["modal_channel_frac"], 1) if inv else None,
             ])
         return cols, rows
@@ -189,6 +189,11 @@ class MassiveResult:
         return figs
 
 
+def _channels_text(entries: list[dict[str, Any]], limit: int = 5) -> str:
+    text = ", ".join(str(e["channel"]) for e in entries[:limit])
+    return text + (f" (+{len(entries) - limit})" if len(entries) > limit else "")
+
+
 def _round(v, digits: int = 4):
     v = float(v)
     return float(f"{v:.{digits}g}") if math.isfinite(v) else None
@@ -223,6 +228,14 @@ def _top_entries(data: ProfileData, site: str, n: int) -> tuple[list[dict[str, A
     s = data.samples
     return [{"value": float(x[r, c]), "channel": int(c), "doc_id": int(s.doc_ids[r]),
              "position": int(s.positions[r]), "token_id": int(s.token_ids[r])} for r, c in zip(rows, chans)], "reservoir"
+
+
+def _channel_absmax(data: ProfileData, site: str) -> np.ndarray:
+    """Per-channel max |x| over the whole corpus (stats), or over the reservoir sample."""
+    st = site_stats(data.stats, site)
+    if st is not None and getattr(st, "count", 0) > 0:
+        return st.absmax.double().numpy()
+    return reservoir_acts(data, site).abs().amax(0).double().numpy()
 
 
 def _capture_prompts(model, sites: list[str], prompts: list[str], batch_size: int):
@@ -280,15 +293,18 @@ def massive_activations(
         tops.append(entries)
         ratio1.append(entries[0]["ratio"] if entries else math.nan)
 
-    # massive entries among the top entries; a channel's first layer
+    # massive channels: per-channel max |x| over the corpus (stats absmax) above threshold x median
     massive_layers = [l for l, r in zip(layers, ratio1) if r > threshold]
-    massive_channels: dict[int, list[int]] = {}
+    massive_channels: dict[int, list[dict[str, Any]]] = {}
     first: dict[int, int] = {}
-    for layer, entries in zip(layers, tops):
-        chans = sorted({int(e["channel"]) for e in entries if e["ratio"] > threshold})
-        if chans:
-            massive_channels[layer] = chans
-            for c in chans:
+    for layer, site, med in zip(layers, sites, medians):
+        absmax = _channel_absmax(data, site)
+        ratio = absmax / med if med > 0 else np.full_like(absmax, math.inf)
+        hot = [int(c) for c in np.argsort(-ratio, kind="stable") if ratio[c] > threshold]
+        if hot:
+            massive_channels[layer] = [{"channel": c, "absmax": float(absmax[c]), "ratio": float(ratio[c])}
+                                       for c in hot]
+            for c in hot:
                 first.setdefault(c, layer)
 
     # input invariance over prompts
@@ -355,9 +371,15 @@ def _ablate(model, data, sites, layers, medians, tops, first, captured, threshol
             vals = [float(v) for acts in captured for v in acts[site][:, c] if abs(float(v)) > cutoff]
             how = "prompts"
             if not vals:  # fall back to the corpus top entries of that channel
-                vals = [float(e["value"]) for e in tops[j] if e["channel"] == c and e["ratio"] > threshold]
-                how = "top entries"
-            m = float(np.mean(vals))
+                vals = [float(e["value"]) for e in _top_entries(data, site, 10**9)[0]
+                        if e["channel"] == c and abs(e["value"]) > cutoff]
+                how = "corpus top entries"
+            if vals:
+                m = float(np.mean(vals))
+            else:  # massive somewhere in the corpus, but not seen again: its mean over all tokens
+                st = site_stats(data.stats, site)
+                m = float(st.mean[c]) if st is not None else float(reservoir_acts(data, site)[:, c].mean())
+                how = "channel mean over all tokens"
             means.append(m)
             entries.append({"layer": layer, "channel": c, "mean_value": m, "n_mean_tokens": len(vals),
                             "mean_from": how, "cutoff": cutoff})

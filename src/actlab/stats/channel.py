@@ -219,7 +219,10 @@ class ChannelStats:
             raise ActlabError(
                 f"{where}: bad stats config {config!r} (needs 'width'; unknown keys: {sorted(unknown)})"
             )
-        self = cls(**config)
+        try:
+            self = cls(**config)
+        except ActlabError as e:
+            raise ActlabError(f"{where}: bad stats config: {e}") from None
         missing = [k for k in _FIELDS if k not in state]
         if missing:
             raise ActlabError(f"{where}: missing stats tensors {missing}; the file is incomplete or corrupt")
@@ -508,8 +511,13 @@ class ChannelStats:
         self.sparsity_hist += torch.bincount(idx.cpu(), minlength=b)
 
     def _add_top(self, xb: torch.Tensor, a: torch.Tensor, row0: int, aux) -> None:
-        """Top-k of |x| in the block: the k largest entries lie in the k rows with the largest
-        row max, so only those rows are searched; then merge with the kept entries."""
+        """Top-k of |x| in the block, then merge with the kept entries.
+
+        The k largest entries (ties: earlier row, then lower channel) lie in the first k rows
+        of the rows stably sorted by their max |x|: any other entry is preceded by the max
+        entry of each of those k rows. So only k rows are searched, and ties are broken the
+        same way whatever the chunking (rows are in doc, position order).
+        """
         k = self.topk
         if k == 0:
             return
@@ -518,11 +526,13 @@ class ChannelStats:
         if float(rowmax.max()) < self._top_floor:
             return
         kk = min(k, n)
-        _, rows = torch.topk(rowmax, kk)
-        cand = a[rows]
-        vals, flat = torch.topk(cand.reshape(-1), min(k, cand.numel()))
-        keep = vals >= 0  # drops NaN placeholders (-1) of the exact path
-        flat = flat[keep]
+        rows = torch.sort(rowmax, descending=True, stable=True).indices[:kk].sort().values
+        cand = a[rows].reshape(-1)  # row-major: (row, channel) order
+        kth = torch.topk(cand, min(k, cand.numel())).values[-1]
+        above = torch.nonzero(cand > kth).view(-1)
+        ties = torch.nonzero(cand == kth).view(-1)[: k - above.numel()]
+        flat = torch.cat([above, ties]).sort().values
+        flat = flat[cand[flat] >= 0]  # drops NaN placeholders (-1) of the exact path
         r = rows[flat // w]
         ch = flat % w
         g = (r + row0).cpu()

@@ -224,7 +224,7 @@ class StatsSink:
             sink.stats[site] = ChannelStats.from_state_dict(
                 state, {**config, "width": width}, where=f"{path} site {site!r}"
             )
-        sink._template = ChannelStats(1, **sink.cfg)
+        sink._template = next(iter(sink.stats.values()))
         sink.metadata = header.get("metadata") or {}
         sink.file_header = header
         return sink

@@ -33,6 +33,7 @@ from actlab.store.manifest import (
     shard_name,
     torch_dtype,
 )
+from actlab.store.reader import Store
 
 DEFAULT_SHARD_BYTES = 256 * 2**20  # target shard size when shard_tokens is not given
 _SHARD_RE = re.compile(r"^shard-\d{5,}\.safetensors$")
@@ -255,7 +256,7 @@ def record(
     long_docs: LongDocs = "chunk",
     progress: bool = False,
     overwrite: bool = False,
-):
+) -> Store:
     """Record the activations of ``sites`` over ``docs`` into a sharded store at ``out_dir``.
 
     Rows (documents split at ``max_length``) are cut into shards of about ``shard_tokens`` stored
@@ -265,8 +266,6 @@ def record(
     store recorded differently (model, sites, dtype, positions, data, plan parameters) is refused
     unless ``overwrite=True``. Returns the finished ``Store``.
     """
-    from actlab.store.reader import Store
-
     if batch_size < 1:
         raise ActlabError(f"batch_size must be at least 1, not {batch_size}")
     if max_tokens is not None and max_tokens < 1:
@@ -289,10 +288,15 @@ def record(
         for entry in out.iterdir():  # temp files of a killed run: never part of the store
             if is_tmp_file(entry):
                 entry.unlink()
-        if overwrite:
-            _clear_store_files(out)
         old = None
-        if (out / MANIFEST_NAME).exists():
+        if overwrite:
+            others = sorted(e.name for e in out.iterdir() if e.name != MANIFEST_NAME and not _SHARD_RE.match(e.name))
+            if others:
+                raise ActlabError(
+                    f"{out} holds files that are not part of an activation store ({', '.join(others[:3])}); "
+                    "overwrite only replaces stores: record into a new or empty directory"
+                )
+        elif (out / MANIFEST_NAME).exists():
             try:
                 old = read_manifest(out)
             except ActlabError as e:
@@ -349,6 +353,8 @@ def record(
                 "plan_sha256": plan.plan_sha256,
             },
         }
+        if overwrite:
+            _clear_store_files(out)  # only now that the run's parameters are known to be valid
         if old is not None:
             diffs = _differences(old, header)
             if diffs:

@@ -1,0 +1,103 @@
+"""Contrast sets: the positive / negative examples a steering vector is fitted on.
+
+Two forms: two plain lists of texts (unpaired), or pairs sharing a prompt
+(``{"prompt", "pos", "neg"}`` JSONL rows). Activations are aggregated per example by the
+**mean over the example's tokens** (for pairs: over the completion tokens only, so the shared
+prompt cancels), or at the **last token** (``aggregate="last"``, CAA's choice for A/B answers).
+The mean is the default because genre and style live in every token of a passage.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+
+from actlab.errors import ActlabError
+
+Aggregate = Literal["mean", "last"]
+
+
+@dataclass
+class ContrastSet:
+    pos: list[str]
+    neg: list[str]
+    prompts: list[str] | None = None  # shared prompt of each pair (paired sets only)
+
+    @property
+    def paired(self) -> bool:
+        return self.prompts is not None
+
+    def validate(self) -> None:
+        if not self.pos or not self.neg:
+            raise ActlabError(
+                f"empty contrast set: {len(self.pos)} positive and {len(self.neg)} negative examples; give at least one of each"
+            )
+        if self.paired and not (len(self.pos) == len(self.neg) == len(self.prompts)):
+            raise ActlabError(f"unbalanced pairs: {len(self.pos)} positives, {len(self.neg)} negatives, "
+                              f"{len(self.prompts)} prompts; every pair needs a prompt, a pos and a neg")
+
+
+def read_contrast(pos: str | Path, neg: str | Path | None = None) -> ContrastSet:
+    """Read ``--pos FILE --neg FILE`` (texts) or one JSONL file of pairs (``--pos pairs.jsonl``)."""
+    from actlab.io import read_documents
+
+    if neg is None:
+        path = Path(pos)
+        if path.suffix != ".jsonl":
+            raise ActlabError("give --neg FILE too, or a JSONL file of pairs with 'prompt', 'pos' and 'neg' fields")
+        prompts, positives, negatives = [], [], []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                prompts.append(row.get("prompt", ""))
+                positives.append(row["pos"])
+                negatives.append(row["neg"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ActlabError(f"{path}:{n}: each line must be a JSON object with 'pos' and 'neg' (and 'prompt')") from None
+        contrast = ContrastSet(positives, negatives, prompts)
+    else:
+        contrast = ContrastSet(list(read_documents(pos)), list(read_documents(neg)))
+    contrast.validate()
+    return contrast
+
+
+def example_activations(
+    model, texts: Sequence[str], sites: Sequence[str], *, prompts: Sequence[str] | None = None,
+    aggregate: Aggregate = "mean", batch_size: int = 16, max_tokens_per_text: int | None = 128,
+) -> dict[str, torch.Tensor]:
+    """One activation per example and site: ``{site: [n_examples, width]}`` (float32)."""
+    if aggregate not in ("mean", "last"):
+        raise ActlabError(f"aggregate must be 'mean' or 'last', not {aggregate!r}")
+    tok = model.tokenizer
+    docs: list[list[int]] = []
+    starts: list[int] = []
+    for i, text in enumerate(texts):
+        prompt = prompts[i] if prompts is not None else ""
+        ids_prompt = tok([prompt], add_special_tokens=True)["input_ids"][0] if prompt else []
+        ids_text = tok([text], add_special_tokens=not prompt)["input_ids"][0]
+        ids_full = list(ids_prompt) + list(ids_text)
+        if max_tokens_per_text is not None:
+            ids_full = ids_full[: len(ids_prompt) + max_tokens_per_text]
+        if len(ids_full) <= len(ids_prompt):
+            raise ActlabError(f"example {i} has no tokens after its prompt: {text[:40]!r}")
+        docs.append(ids_full)
+        starts.append(len(ids_prompt) if prompt else 0)
+    positions = "last" if aggregate == "last" else "all"
+    batch = model.collect(docs, sites, positions=positions, batch_size=batch_size)
+    out: dict[str, torch.Tensor] = {}
+    for site in sites:
+        acts = batch.acts[site].float()
+        if aggregate == "last":
+            out[site] = acts
+            continue
+        keep = batch.positions >= torch.tensor(starts)[batch.doc_ids]
+        sums = torch.zeros(len(docs), acts.shape[1]).index_add_(0, batch.doc_ids[keep], acts[keep])
+        counts = torch.bincount(batch.doc_ids[keep], minlength=len(docs)).clamp_min(1).unsqueeze(1)
+        out[site] = sums / counts
+    return out
