@@ -138,7 +138,7 @@ def record(
     positions: str = typer.Option("all", help="Tokens to record: all, last, or a span start:stop."),
     max_tokens: Optional[int] = typer.Option(None, help="Stop after this many input tokens."),
     batch_size: int = typer.Option(8, help="Documents per forward pass."),
-    shard_tokens: int = typer.Option(65536, help="Tokens per shard file (a shard is the unit of resume)."),
+    shard_tokens: Optional[int] = typer.Option(None, help="Tokens per shard file, the unit of resume (default: ~256 MiB shards)."),
     store_dtype: Optional[str] = typer.Option(None, "--store-dtype", help="Dtype on disk (default: the model's)."),
     overwrite: bool = typer.Option(False, help="Replace an existing store made with other settings."),
     device: str = DeviceOpt,

@@ -29,7 +29,8 @@ import torch
 
 from actlab.analyses.base import ProfileData, Skipped
 from actlab.analyses.sparsity import (
-    _f, decode_token, layer_index, new_figure, perplexity, reservoir_acts, site_stats, sites_of_kind,
+    _f, decode_token, integer_xaxis, layer_index, new_figure, perplexity, reservoir_acts, site_stats,
+    sites_of_kind,
 )
 from actlab.engine.edits import SetChannels
 from actlab.engine.hooks import ForwardState
@@ -135,7 +136,8 @@ class MassiveResult:
             inv = self.invariance[i] if i < len(self.invariance) else {}
             rows.append([
                 layer, _round(abs(t.get("value", math.nan))), _round(self.median_abs[i]), _round(self.top1_ratio[i]),
-                t.get("channel"), t.get("position"), t.get("token", ""), _channels_text(self.massive_channels.get(layer, [])),
+                t.get("channel"), t.get("position"), t.get("token", ""),
+                _channels_text(self.massive_channels.get(layer, [])),
                 round(100 * inv["modal_channel_frac"], 1) if inv else None,
             ])
         return cols, rows
@@ -152,6 +154,7 @@ class MassiveResult:
         ax.plot(self.layers, self.median_abs, "k--", label="median")
         ax.set_yscale("log")
         ax.set_xlabel("layer")
+        integer_xaxis(ax)
         ax.set_ylabel("|activation| of the residual stream")
         ax.set_title(f"Largest residual activations (massive: > {self.threshold:g}x median)")
         ax.legend(fontsize="small")
@@ -226,8 +229,9 @@ def _top_entries(data: ProfileData, site: str, n: int) -> tuple[list[dict[str, A
     _, idx = torch.topk(flat, k)
     rows, chans = idx // x.shape[1], idx % x.shape[1]
     s = data.samples
-    return [{"value": float(x[r, c]), "channel": int(c), "doc_id": int(s.doc_ids[r]),
-             "position": int(s.positions[r]), "token_id": int(s.token_ids[r])} for r, c in zip(rows, chans)], "reservoir"
+    entries = [{"value": float(x[r, c]), "channel": int(c), "doc_id": int(s.doc_ids[r]),
+                "position": int(s.positions[r]), "token_id": int(s.token_ids[r])} for r, c in zip(rows, chans)]
+    return entries, "reservoir"
 
 
 def _channel_absmax(data: ProfileData, site: str) -> np.ndarray:

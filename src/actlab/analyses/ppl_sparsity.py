@@ -20,7 +20,7 @@ import torch
 
 from actlab.analyses.base import ProfileData, Skipped
 from actlab.analyses.sparsity import (
-    _f, layer_index, new_figure, perplexity, reservoir_acts, sites_of_kind,
+    _f, integer_xaxis, layer_index, new_figure, perplexity, reservoir_acts, sites_of_kind,
 )
 from actlab.engine.hooks import ForwardState
 
@@ -155,6 +155,7 @@ class PplSparsityResult:
                         label=f"PPL-{r['p']:g}%")
             ax.plot(self.layers, [100 * v for v in self.natural_zero_frac], "k--", label="exact zeros, unedited")
             ax.set_xlabel("layer")
+            integer_xaxis(ax)
             ax.set_ylabel("sparsity (%)")
             ax.set_ylim(0, 100)
             ax.set_title("Per-layer sparsity at PPL-p%")

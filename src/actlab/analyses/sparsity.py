@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -49,6 +49,13 @@ def new_figure(width: float = 6.4, height: float = 3.6):
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def integer_xaxis(ax) -> None:
+    """Whole-number ticks on the x axis (layers)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def layer_index(site: str) -> int:
@@ -294,6 +301,7 @@ class SparsityResult:
         ax.plot(self.layers, [100 * v for v in self.zero_frac], "o-", label="exactly 0")
         ax.plot(self.layers, [100 * v for v in self.small_frac], "s--", label=f"|x| < {self.eps:g}")
         ax.set_xlabel("layer")
+        integer_xaxis(ax)
         ax.set_ylabel("% of MLP neurons per token")
         ax.set_ylim(0, 100)
         ax.set_title("MLP activation sparsity")
@@ -501,6 +509,7 @@ class DeadNeuronResult:
         ax.bar(x - 0.2, [100 * v for v in self.dead_frac], width=0.4, label="dead")
         ax.bar(x + 0.2, [100 * v for v in self.rare_frac], width=0.4, label=f"rare (< {100 * self.rare:g}% of tokens)")
         ax.set_xlabel("layer")
+        integer_xaxis(ax)
         ax.set_ylabel("% of MLP neurons")
         ax.set_title(f"Dead and rare neurons (active: |x| >= {self.eps:g})")
         ax.legend()
@@ -516,7 +525,8 @@ def dead_neurons(data: ProfileData, model=None, rare: float = 1e-3) -> DeadNeuro
     sites = sites_of_kind(data, model, "mlp.hidden")
     title = DeadNeuronResult.title
     if not sites:
-        return Skipped("dead_neurons", title, "the profile holds no mlp.hidden sites (this model has no MLP hidden site)",
+        return Skipped("dead_neurons", title,
+                       "the profile holds no mlp.hidden sites (this model has no MLP hidden site)",
                        DeadNeuronResult.explanation)
     eps = stats_eps(data.stats, sites[0])
     out: dict[str, list] = {k: [] for k in ("layers", "d_mlp", "n", "dead", "rare", "dead_ids", "rare_ids", "q")}
