@@ -100,7 +100,8 @@ def ensure_packages(install: bool) -> None:
         return
     cmd = "apt-get update && apt-get install -y " + " ".join(missing)
     if not install:
-        sys.exit(f"build_corpus: missing Debian packages: {' '.join(missing)}\nInstall them with:\n  sudo {cmd}")
+        sys.exit(f"build_corpus: missing Debian packages: {' '.join(missing)}\n"
+                 f"Install them with (needs root):\n  sudo sh -c '{cmd}'")
     if os.geteuid() != 0:
         sys.exit(
             "build_corpus: missing Debian packages: "
@@ -385,7 +386,7 @@ def split_docs(docs: list[str], seed: int, genre: str) -> dict[str, list[int]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
+        description=__doc__,
         epilog="Example: sudo .venv/bin/python scripts/build_corpus.py   (root only needed to apt-get install)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

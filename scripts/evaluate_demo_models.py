@@ -75,7 +75,8 @@ def window_ppl(model, windows: np.ndarray, batch: int = 16) -> tuple[float, int]
 
 def generate(model, tok, prompt_ids: list[list[int]], new_tokens: int, seed: int,
              temperature: float = 0.8, top_k: int = 40) -> list[str]:
-    """Sample continuations of equal-length prompts (no padding needed); returns continuations."""
+    """Sample continuations of equal-length prompts (no padding needed); returns the continuations,
+    each cut at its first <|endoftext|>."""
     import torch
 
     torch.manual_seed(seed)
@@ -83,8 +84,14 @@ def generate(model, tok, prompt_ids: list[list[int]], new_tokens: int, seed: int
     with torch.no_grad():
         out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True,
                              temperature=temperature, top_k=top_k, max_new_tokens=new_tokens,
-                             pad_token_id=tok.pad_token_id, eos_token_id=None)
-    return [tok.decode(o[x.shape[1]:]) for o in out]
+                             pad_token_id=tok.pad_token_id)
+    conts = []
+    for o in out.tolist():
+        new = o[x.shape[1] :]
+        if tok.eos_token_id in new:  # a finished document: keep only its own text
+            new = new[: new.index(tok.eos_token_id)]
+        conts.append(tok.decode(new))
+    return conts
 
 
 def md_escape(s: str) -> str:

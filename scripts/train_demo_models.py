@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--benchmark", type=int, metavar="N", help="time N steps, print tokens/s, save nothing")
     p.add_argument("--export-only", action="store_true", help="export the latest checkpoint and exit")
     p.add_argument("--no-export", action="store_true", help="do not export to the zoo at the end")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="checkpoint and exit after step N (simulates an interruption; for testing resume)")
     args = p.parse_args(argv)
 
     import torch
@@ -279,11 +281,15 @@ def main(argv: list[str] | None = None) -> int:
             logf.write(json.dumps({"step": step, "val_loss": round(vl, 4), "elapsed_s": round(elapsed, 1)}) + "\n")
             logf.flush()
             print(f"[train] step {step} validation loss {vl:.4f} (ppl {math.exp(vl):.1f})", flush=True)
-        if not args.benchmark and (time.time() - last_ckpt > args.ckpt_minutes * 60 or step == total):
+        stop = args.stop_after is not None and step >= args.stop_after
+        if not args.benchmark and (time.time() - last_ckpt > args.ckpt_minutes * 60 or step == total or stop):
             atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
                          "elapsed": elapsed, "spec": spec, "seed": args.seed}, ckpt_path)
             last_ckpt = time.time()
             print(f"[train] checkpoint at step {step}", flush=True)
+        if stop and step < total:
+            print(f"[train] stopping after step {step} as asked (--stop-after); rerun to resume", flush=True)
+            return 0
 
     if args.benchmark:
         dt = time.time() - bench_t0

@@ -4,7 +4,7 @@ from actlab.errors import ActlabError
 
 __version__ = "0.1.0"
 
-__all__ = ["ActlabError", "__version__", "load"]
+__all__ = ["ActlabError", "__version__", "load", "Model", "SteeringVector", "AffineMap", "NeuronClamp", "LowRankAdapter", "Composition"]
 
 
 def load(*args, **kwargs):
@@ -12,3 +12,16 @@ def load(*args, **kwargs):
     from actlab.models.loading import load as _load
 
     return _load(*args, **kwargs)
+
+
+def __getattr__(name: str):
+    """Lazy top-level access to the main classes without importing torch-heavy modules at import time."""
+    if name in ("SteeringVector", "AffineMap", "NeuronClamp", "LowRankAdapter", "Composition"):
+        from actlab import interventions
+
+        return getattr(interventions, name)
+    if name == "Model":
+        from actlab.models.model import Model
+
+        return Model
+    raise AttributeError(f"module 'actlab' has no attribute {name!r}")

@@ -313,6 +313,8 @@ def massive_activations(
 
     # input invariance over prompts
     prompt_list = [p for p in (prompts if prompts is not None else data.eval_texts) if p][:max_prompts]
+    if model is None:
+        prompt_list = []  # a profile without its model: no prompts can be run
     invariance: list[dict[str, Any]] = [{} for _ in sites]
     captured: list[dict[str, torch.Tensor]] = []
     if prompt_list:
@@ -351,8 +353,7 @@ def massive_activations(
         if not texts:
             ablation["note"] = "skipped: no ablation texts (pass ablation_texts or profile with eval_texts)"
         else:
-            ablation = _ablate(model, data, sites, layers, medians, tops, first, captured, threshold, texts,
-                               batch_size)
+            ablation = _ablate(model, data, sites, layers, medians, first, captured, threshold, texts, batch_size)
     return MassiveResult(
         threshold=float(threshold), layers=layers, sites=sites, median_abs=medians, top=tops, top1_ratio=ratio1,
         massive_layers=massive_layers, massive_channels=massive_channels, first_appearance=first,
@@ -360,7 +361,7 @@ def massive_activations(
     )
 
 
-def _ablate(model, data, sites, layers, medians, tops, first, captured, threshold, texts, batch_size) -> dict:
+def _ablate(model, data, sites, layers, medians, first, captured, threshold, texts, batch_size) -> dict:
     """Perplexity with the massive entries zeroed / set to their mean, at each channel's first layer."""
     groups: dict[int, list[int]] = {}
     for c, layer in sorted(first.items()):
@@ -372,7 +373,8 @@ def _ablate(model, data, sites, layers, medians, tops, first, captured, threshol
         site, cutoff = sites[j], threshold * medians[j]
         means = []
         for c in chans:
-            vals = [float(v) for acts in captured for v in acts[site][:, c] if abs(float(v)) > cutoff]
+            cols = [acts[site][:, c] for acts in captured]
+            vals = [float(v) for col in cols for v in col[col.abs() > cutoff].tolist()]
             how = "prompts"
             if not vals:  # fall back to the corpus top entries of that channel
                 vals = [float(e["value"]) for e in _top_entries(data, site, 10**9)[0]

@@ -121,39 +121,10 @@ def reservoir_acts(data: ProfileData, site: str) -> torch.Tensor | None:
 
 
 def perplexity(model, texts: Sequence[str], batch_size: int = 8) -> float:
-    """Token-weighted perplexity of ``texts`` (uses ``actlab.evals.perplexity`` when present)."""
-    try:
-        from actlab.evals.perplexity import perplexity as shared
-    except ImportError:
-        shared = None
-    if shared is not None:
-        out = shared(model, list(texts), batch_size=batch_size)
-        for attr in ("perplexity", "ppl"):
-            if hasattr(out, attr):
-                return float(getattr(out, attr))
-            if isinstance(out, dict) and attr in out:
-                return float(out[attr])
-        return float(out)
-    return _perplexity_fallback(model, texts, batch_size)
+    """Token-weighted perplexity of ``texts`` (``actlab.evals.perplexity``; active edits apply)."""
+    from actlab.evals.perplexity import perplexity as shared
 
-
-def _perplexity_fallback(model, texts: Sequence[str], batch_size: int = 8) -> float:
-    """exp(total next-token NLL / number of predicted tokens) over right-padded batches."""
-    total_nll, total_n = 0.0, 0
-    texts = [t for t in texts if t]
-    with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            ids, mask = model.tokenize(texts[i : i + batch_size])
-            logits = model.hf(**model.forward_inputs(ids, mask)).logits.float().cpu()
-            target = ids[:, 1:]
-            valid = mask[:, 1:].bool() & mask[:, :-1].bool()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-            total_nll += float(nll[valid].double().sum())
-            total_n += int(valid.sum())
-    if total_n == 0:
-        return math.nan
-    return math.exp(total_nll / total_n)
+    return float(shared(model, list(texts), batch_size=batch_size))
 
 
 def decode_token(tokenizer, token_id: int) -> str:

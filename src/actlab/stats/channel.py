@@ -31,6 +31,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
 # Rows per internal block are chosen so a block holds at most this many elements: it bounds the
 # temporaries (a few block-sized tensors) whatever the batch size, and keeps float32 counts exact.
 _BLOCK_ELEMS = 1 << 21
+# Inside a block the fast path works on tiles of about this many values (1 MiB of float32),
+# small enough to stay in cache across its ~15 element-wise passes.
+_TILE_ELEMS = 1 << 18
 
 
 class _Scratch(threading.local):
@@ -408,56 +411,83 @@ class ChannelStats:
 
     def _update_block_fast(self, xb: torch.Tensor, row0: int, aux) -> bool:
         """All-finite fast path; returns False (changing nothing) if the block holds
-        NaN/inf (or values whose squares overflow), for the exact path to handle."""
+        NaN/inf (or values whose squares overflow), for the exact path to handle.
+
+        The block is walked in cache-sized tiles (~_TILE_ELEMS values): every element-wise
+        pass after the first then reads the tile from cache instead of memory. Per-tile
+        partial results go into small preallocated stacks, reduced once per block.
+        """
         n, w = xb.shape
         dt = xb.dtype
         # Shifted sums: d = x - ref with ref the running mean (or the block's own mean for the
-        # first block), so a large common offset cannot cancel catastrophically. torch's sum
-        # uses cascaded (pairwise-like) accumulation; blocks are merged in float64.
+        # first block), so a large common offset cannot cancel catastrophically. Each tile is
+        # summed in the input precision; tiles and blocks are combined in float64.
         if self.count > 0:
             ref = self._mean.to(dt)
         else:
             ref = xb.sum(0).div_(n)
             if not bool(torch.isfinite(ref).all()):
                 return False
-        buf = _scratch.get("a", dt, (n, w))
-        d = torch.sub(xb, ref, out=buf)
-        s1 = d.sum(0)
-        d.mul_(d)
-        s2 = d.sum(0)
+        tr = max(1, min(n, _TILE_ELEMS // w))
+        nt = -(-n // tr)
+        stacks = _scratch.get("stacks", dt, (6 * nt, w))
+        s1_t, s2_t, max_t, min_t, nz_t, sc_t = stacks.view(6, nt, w).unbind(0)
+        rowmax, small_tok = _scratch.get("rows", dt, (2, n)).unbind(0)
+        buf = _scratch.get("a", dt, (tr, w))
+        abuf = _scratch.get("b", dt, (tr, w))
+        consts = self._small_const(dt)
+        shift, half, n_raw = self.binning.raw_shift(dt)
+        int_dt = torch.int32 if dt == torch.float32 else torch.int64
+        raw = torch.zeros(n_raw, dtype=torch.int64)
+        for i in range(nt):
+            r0 = i * tr
+            xt = xb[r0 : r0 + tr]
+            m = xt.shape[0]
+            bt, at = buf[:m], abuf[:m]
+            torch.sub(xt, ref, out=bt)
+            torch.sum(bt, 0, out=s1_t[i])
+            bt.mul_(bt)
+            torch.sum(bt, 0, out=s2_t[i])
+            torch.amax(xt, 0, out=max_t[i])
+            torch.amin(xt, 0, out=min_t[i])
+            torch.abs(xt, out=at)
+            torch.amax(at, 1, out=rowmax[r0 : r0 + m])
+            torch.sum(torch.sign(at, out=bt), 0, out=nz_t[i])
+            if consts is not None:
+                # exact 0/1 indicator of |x| < eps (see _small_const)
+                torch.add(consts[0], at, alpha=-consts[1], out=bt).clamp_(0.0, 1.0)
+                torch.sum(bt, 0, out=sc_t[i])
+                torch.sum(bt, 1, out=small_tok[r0 : r0 + m])
+            # histogram keys: sign, exponent and top mantissa bits of each value
+            key = torch.bitwise_right_shift(xt.view(int_dt), shift, out=bt.view(int_dt)).view(-1)
+            raw += torch.bincount(key.add_(half), minlength=n_raw)
+        f64 = torch.float64
+        s2 = s2_t.sum(0, dtype=f64)
         if not bool(torch.isfinite(s2).all()):
             return False
-        s1 = s1.to(torch.float64)
-        mean_b = ref.to(torch.float64) + s1 / n
-        m2_b = (s2.to(torch.float64) - s1 * s1 / n).clamp_(min=0.0)
-
-        bmax = xb.amax(0).to(torch.float64)
-        bmin = xb.amin(0).to(torch.float64)
-        a = torch.abs(xb, out=_scratch.get("b", dt, (n, w)))
-        nonzero = torch.sign(a, out=buf).sum(0)
-        consts = self._small_const(dt)
+        s1 = s1_t.sum(0, dtype=f64)
+        mean_b = ref.to(f64) + s1 / n
+        m2_b = (s2 - s1 * s1 / n).clamp_(min=0.0)
+        bmax = max_t.amax(0).to(f64)
+        bmin = min_t.amin(0).to(f64)
         if consts is None:
             small_ch = torch.zeros(w, dtype=torch.int64)
             small_tok = torch.zeros(n, dtype=torch.int64)
         else:
-            c, big = consts
-            # exact indicator of |x| < eps as 0/1 floats (see _small_const)
-            s = torch.add(c, a, alpha=-big, out=buf).clamp_(0.0, 1.0)
-            small_ch = s.sum(0).to(torch.int64)
-            small_tok = s.sum(1).to(torch.int64)
-        raw = self.binning.raw_counts(xb, out=buf)
+            small_ch = sc_t.sum(0, dtype=f64).to(torch.int64)
+            small_tok = small_tok.to(torch.int64)
 
         self._merge_moments(n, mean_b, m2_b)
         self.count += n
         self.max = torch.maximum(self.max, bmax)
         self.min = torch.minimum(self.min, bmin)
         self.absmax = torch.maximum(self.absmax, torch.maximum(bmax.abs(), bmin.abs()))
-        self.zeros += n - nonzero.to(torch.int64)
+        self.zeros += n - nz_t.sum(0, dtype=f64).to(torch.int64)
         self.small += small_ch
         self.active += n - small_ch
-        self.hist += self.binning.fold(raw, dt).cpu()
+        self.hist += self.binning.fold(raw, dt)
         self._add_sparsity(small_tok)
-        self._add_top(xb, a, row0, aux)
+        self._add_top(xb, rowmax, row0, aux)
         return True
 
     def _update_block_exact(self, xb: torch.Tensor, row0: int, aux) -> None:
@@ -494,7 +524,7 @@ class ChannelStats:
         hist[self.binning.nan_bin] += n_nan
         self.hist += hist.cpu()
         self._add_sparsity(small_m.sum(1))
-        self._add_top(x, torch.where(nan, -torch.ones((), dtype=torch.float64), a), row0, aux)
+        self._add_top(x, torch.where(nan, -torch.ones((), dtype=torch.float64), a).amax(1), row0, aux)
 
     def _merge_moments(self, n_b, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
         """Chan et al. parallel update of (n, mean, M2), per channel, in float64."""
@@ -510,29 +540,37 @@ class ChannelStats:
         idx = (small_tok.to(torch.int64) * b).div_(self.width, rounding_mode="floor").clamp_(max=b - 1)
         self.sparsity_hist += torch.bincount(idx.cpu(), minlength=b)
 
-    def _add_top(self, xb: torch.Tensor, a: torch.Tensor, row0: int, aux) -> None:
-        """Top-k of |x| in the block, then merge with the kept entries.
+    def _add_top(self, xb: torch.Tensor, rowmax: torch.Tensor, row0: int, aux) -> None:
+        """Top-k of |x| in the block (``rowmax``: max |x| of each row, NaN as -1), then merge
+        with the kept entries.
 
-        The k largest entries (ties: earlier row, then lower channel) lie in the first k rows
-        of the rows stably sorted by their max |x|: any other entry is preceded by the max
-        entry of each of those k rows. So only k rows are searched, and ties are broken the
-        same way whatever the chunking (rows are in doc, position order).
+        Order: larger |x| first, ties by earlier row (rows are in doc, position order) then
+        lower channel. The block's k best entries lie in the k best rows by that order of
+        their max (any other entry is preceded by the max entry of each of those rows), and
+        all are >= the k-th largest row max; so only a few candidates are ever sorted, and
+        ties are broken the same way whatever the chunking.
         """
         k = self.topk
         if k == 0:
             return
-        n, w = a.shape
-        rowmax = a.amax(1)
+        n, w = xb.shape
         if float(rowmax.max()) < self._top_floor:
-            return
+            return  # nothing here can enter the kept top-k
         kk = min(k, n)
-        rows = torch.sort(rowmax, descending=True, stable=True).indices[:kk].sort().values
-        cand = a[rows].reshape(-1)  # row-major: (row, channel) order
-        kth = torch.topk(cand, min(k, cand.numel())).values[-1]
-        above = torch.nonzero(cand > kth).view(-1)
-        ties = torch.nonzero(cand == kth).view(-1)[: k - above.numel()]
-        flat = torch.cat([above, ties]).sort().values
-        flat = flat[cand[flat] >= 0]  # drops NaN placeholders (-1) of the exact path
+        t_row = torch.topk(rowmax, kk).values[-1]
+        above = torch.nonzero(rowmax > t_row).view(-1)
+        ties = torch.nonzero(rowmax == t_row).view(-1)[: kk - above.numel()]
+        rows = torch.cat([above, ties]).sort().values
+        cand = xb[rows].abs().reshape(-1)  # row-major: (row, channel) order
+        if not bool(torch.isfinite(cand).all()):
+            cand = torch.where(torch.isnan(cand), -1.0, cand)  # NaN never enters the top-k
+        sel = torch.nonzero(cand >= max(float(t_row), 0.0)).view(-1)
+        vals = cand[sel]
+        if sel.numel() > k:
+            kth = torch.topk(vals, k).values[-1]
+            top = sel[vals > kth]
+            sel = torch.cat([top, sel[vals == kth][: k - top.numel()]]).sort().values
+        flat = sel
         r = rows[flat // w]
         ch = flat % w
         g = (r + row0).cpu()

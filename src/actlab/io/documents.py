@@ -1,0 +1,402 @@
+"""Reading documents (texts or token-id lists) from files, and cutting them to a token budget.
+
+Formats (``fmt``):
+
+* ``"lines"``      one document per line; blank lines are skipped.
+* ``"paragraphs"`` documents separated by one or more blank lines; the lines of a document
+                   are joined with ``"\\n"``.
+* ``"jsonl"``      one JSON value per line: an object whose ``text_field`` (default ``"text"``)
+                   is a string, or a bare JSON string. Blank lines are skipped.
+* ``"json"``       the whole file is one JSON array of strings, of objects with ``text_field``,
+                   or of token-id arrays (``[[1, 2], [3]]``); or an object holding such an
+                   array under ``"documents"``, ``"texts"`` or ``"data"``.
+* ``"tokens"``     one token-id document per line, either a JSON array (``[15, 7, 99]``) or
+                   integers separated by spaces or commas (``15 7 99``).
+* ``"auto"``       (default) picks by file name: ``*.ids``, ``*.tokens``, ``*.tokens.jsonl``
+                   -> tokens; ``*.jsonl``, ``*.ndjson`` -> jsonl; ``*.json`` -> json; anything
+                   else is plain text: ``"paragraphs"`` if the file has a blank line between two
+                   non-blank lines, otherwise ``"lines"``.
+
+In text formats the line terminator (``\\n`` or ``\\r\\n``) and trailing whitespace of each line
+are removed; leading whitespace is kept. Whitespace-only lines count as blank. Empty texts and
+empty token lists are skipped. A UTF-8 byte-order mark at the start is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Union
+
+from actlab.errors import ActlabError
+
+__all__ = [
+    "FORMATS",
+    "Document",
+    "detect_format",
+    "iter_documents",
+    "read_documents",
+    "budget",
+    "token_counter",
+]
+
+FORMATS = ("auto", "lines", "paragraphs", "jsonl", "json", "tokens")
+Document = Union[str, list[int]]
+_BOM = b"\xef\xbb\xbf"
+
+
+# ---------------------------------------------------------------------------- low level
+def _check_file(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise ActlabError(f"document file {p} not found; check the path")
+    if p.is_dir():
+        raise ActlabError(f"{p} is a directory; pass a document file (.txt, .jsonl, .json, .ids)")
+    try:
+        size = p.stat().st_size
+    except OSError as e:
+        raise ActlabError(f"cannot read {p}: {e}") from None
+    if size == 0:
+        raise ActlabError(f"{p} is empty; it must contain at least one document")
+    return p
+
+
+def _decode_error(path: Path, raw: bytes, line_no: int, line_start: int, err: UnicodeDecodeError) -> ActlabError:
+    offset = line_start + err.start
+    bad = raw[err.start : err.start + 1]
+    return ActlabError(
+        f"{path} is not valid UTF-8: byte 0x{bad.hex()} at byte offset {offset} "
+        f"(line {line_no}, byte {err.start + 1} of that line); re-encode the file as UTF-8, e.g. "
+        f"`iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}`"
+    )
+
+
+def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, decoded line without terminator/trailing whitespace), streaming."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ActlabError(f"cannot read {path}: {e}") from None
+    with f:
+        offset = 0
+        for line_no, raw in enumerate(f, start=1):
+            start = offset
+            offset += len(raw)
+            body = raw
+            if line_no == 1 and body.startswith(_BOM):
+                body = body[len(_BOM) :]
+                start += len(_BOM)
+            if b"\x00" in body:
+                raise ActlabError(
+                    f"{path} line {line_no} contains NUL bytes: it looks like a binary file, "
+                    "not text; pass a UTF-8 text, JSONL, JSON or token-id file"
+                )
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _decode_error(path, body, line_no, start, e) from None
+            yield line_no, text.rstrip()
+
+
+def _read_text(path: Path) -> str:
+    lines = [text for _, text in _iter_lines(path)]  # validates UTF-8 with line numbers
+    return "\n".join(lines)
+
+
+def _has_interior_blank_line(path: Path) -> bool:
+    seen_text = pending_blank = False
+    for _, text in _iter_lines(path):
+        if text.strip():
+            if pending_blank and seen_text:
+                return True
+            seen_text, pending_blank = True, False
+        else:
+            pending_blank = True
+    return False
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """The format ``"auto"`` resolves to for ``path`` (see the module docstring)."""
+    p = _check_file(path)
+    name = p.name.lower()
+    if name.endswith((".ids", ".tokens", ".tokens.jsonl")):
+        return "tokens"
+    if name.endswith((".jsonl", ".ndjson")):
+        return "jsonl"
+    if name.endswith(".json"):
+        return "json"
+    return "paragraphs" if _has_interior_blank_line(p) else "lines"
+
+
+# ---------------------------------------------------------------------------- parsers
+def _token_list(value: Any, where: str) -> list[int]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    ):
+        shown = json.dumps(value)[:60] if _jsonable(value) else repr(value)[:60]
+        raise ActlabError(
+            f"{where}: expected a list of non-negative integer token ids, got {shown}"
+        )
+    return value
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _text_from_json(value: Any, text_field: str, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        if text_field not in value:
+            keys = ", ".join(repr(k) for k in list(value)[:8]) or "none"
+            hint = ""
+            strings = [k for k, v in value.items() if isinstance(v, str)]
+            if len(strings) == 1:
+                hint = f"; pass text_field={strings[0]!r}"
+            raise ActlabError(f"{where}: the object has no {text_field!r} field (keys: {keys}){hint}")
+        text = value[text_field]
+        if not isinstance(text, str):
+            raise ActlabError(
+                f"{where}: field {text_field!r} must be a string, got {type(text).__name__}"
+            )
+        return text
+    if isinstance(value, list):
+        raise ActlabError(
+            f"{where}: got a JSON array, not a text; for token ids use fmt='tokens' "
+            "(or a .ids / .tokens.jsonl file)"
+        )
+    raise ActlabError(
+        f"{where}: expected a JSON object with a {text_field!r} field or a string, "
+        f"got {type(value).__name__}"
+    )
+
+
+def _loads(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ActlabError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _iter_lines_format(path: Path) -> Iterator[str]:
+    for _, text in _iter_lines(path):
+        if text.strip():
+            yield text
+
+
+def _iter_paragraphs(path: Path) -> Iterator[str]:
+    para: list[str] = []
+    for _, text in _iter_lines(path):
+        if text.strip():
+            para.append(text)
+        elif para:
+            yield "\n".join(para)
+            para = []
+    if para:
+        yield "\n".join(para)
+
+
+def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    for line_no, text in _iter_lines(path):
+        if not text.strip():
+            continue
+        where = f"{path} line {line_no}"
+        doc = _text_from_json(_loads(text, where), text_field, where)
+        if doc.strip():
+            yield doc
+
+
+def _iter_tokens(path: Path) -> Iterator[list[int]]:
+    for line_no, text in _iter_lines(path):
+        s = text.strip()
+        if not s:
+            continue
+        where = f"{path} line {line_no}"
+        if s.startswith("["):
+            ids = _token_list(_loads(s, where), where)
+        else:
+            parts = s.replace(",", " ").split()
+            try:
+                ids = [int(p) for p in parts]
+            except ValueError:
+                bad = next(p for p in parts if not p.lstrip("+-").isdigit())
+                raise ActlabError(
+                    f"{where}: {bad!r} is not an integer token id; token files hold integers "
+                    "separated by spaces or commas, or a JSON array per line"
+                ) from None
+            if any(i < 0 for i in ids):
+                raise ActlabError(f"{where}: token ids must be non-negative")
+        if ids:
+            yield ids
+
+
+def _iter_json(path: Path, text_field: str) -> Iterator[Document]:
+    text = _read_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ActlabError(
+            f"{path} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})"
+        ) from None
+    if isinstance(data, dict):
+        for key in ("documents", "texts", "data"):
+            if isinstance(data.get(key), list):
+                data = data[key]
+                break
+    if not isinstance(data, list):
+        raise ActlabError(
+            f"{path}: expected a JSON array of documents (strings, objects with a "
+            f"{text_field!r} field, or token-id arrays), got {type(data).__name__}"
+        )
+    for i, item in enumerate(data):
+        where = f"{path} item {i}"
+        if isinstance(item, list):
+            ids = _token_list(item, where)
+            if ids:
+                yield ids
+        else:
+            doc = _text_from_json(item, text_field, where)
+            if doc.strip():
+                yield doc
+
+
+# ---------------------------------------------------------------------------- public API
+def iter_documents(
+    path: str | os.PathLike, *, fmt: str = "auto", text_field: str = "text"
+) -> Iterator[Document]:
+    """Yield documents one by one (texts, or token-id lists for ``fmt="tokens"``).
+
+    Line-based formats stream the file, so memory stays small for large corpora; ``"json"``
+    reads the whole file. Raises ActlabError for a missing/empty file, bad bytes or JSON (naming
+    the line), and when the file holds no document at all.
+    """
+    if fmt not in FORMATS:
+        raise ActlabError(f"unknown document format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if not isinstance(text_field, str) or not text_field:
+        raise ActlabError(f"text_field must be a non-empty string, got {text_field!r}")
+    p = _check_file(path)
+    if fmt == "auto":
+        fmt = detect_format(p)
+    gen: Iterator[Document] = {
+        "lines": lambda: _iter_lines_format(p),
+        "paragraphs": lambda: _iter_paragraphs(p),
+        "jsonl": lambda: _iter_jsonl(p, text_field),
+        "json": lambda: _iter_json(p, text_field),
+        "tokens": lambda: _iter_tokens(p),
+    }[fmt]()
+    n = 0
+    for doc in gen:
+        n += 1
+        yield doc
+    if n == 0:
+        raise ActlabError(
+            f"{p} contains no documents (read as {fmt!r}: only blank lines or empty texts)"
+        )
+
+
+def read_documents(
+    path: str | os.PathLike, *, fmt: str = "auto", text_field: str = "text"
+) -> list[str] | list[list[int]]:
+    """All documents of ``path`` as a list; see ``iter_documents`` and the module docstring."""
+    return list(iter_documents(path, fmt=fmt, text_field=text_field))
+
+
+def token_counter(tokenizer_or_count_fn: Any, *, add_special_tokens: bool = True) -> Callable[[str], int]:
+    """A ``str -> int`` token counter from a tokenizer (anything with ``encode``: HF
+    tokenizers, ``tokenizers.Tokenizer``) or a plain counting function."""
+    t = tokenizer_or_count_fn
+    if hasattr(t, "encode"):
+
+        def count(text: str) -> int:
+            out = t.encode(text, add_special_tokens=add_special_tokens)
+            return len(out.ids) if hasattr(out, "ids") else len(out)
+
+        return count
+    if callable(t):
+
+        def count_fn(text: str) -> int:
+            c = t(text)
+            if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+                raise ActlabError(
+                    f"the token counting function must return a non-negative int, got {c!r}"
+                )
+            return c
+
+        return count_fn
+    raise ActlabError(
+        "budget needs a tokenizer (with .encode) or a function text -> token count, "
+        f"got {type(t).__name__}"
+    )
+
+
+def _truncate_text(doc: str, limit: int, count: Callable[[str], int]) -> str:
+    """Longest prefix of ``doc`` with at most ``limit`` tokens (binary search on characters)."""
+    lo, hi = 0, len(doc)  # count(doc[:lo]) <= limit is kept invariant (checked by the caller)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count(doc[:mid]) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    cut = doc[:lo]
+    stripped = cut.rstrip()  # do not end on a dangling space
+    return stripped if count(stripped) <= limit else cut
+
+
+def budget(
+    docs: Iterable[Document],
+    tokenizer_or_count_fn: Any,
+    max_tokens: int,
+    *,
+    add_special_tokens: bool = True,
+) -> list[Document]:
+    """The leading documents of ``docs`` that fit in ``max_tokens`` tokens in total; the first
+    document that does not fit is cut to the tokens left (text: the longest prefix that fits)
+    and the rest is dropped.
+
+    Token-id documents (lists of ints) are counted by length and cut by slicing; the counter
+    may then be ``None``. For texts pass a tokenizer (each document is counted as it would
+    be encoded alone, with special tokens unless ``add_special_tokens=False``) or a function
+    ``text -> number of tokens``. ``docs`` may be a lazy iterator (e.g. ``iter_documents``):
+    it is consumed only up to the budget.
+    """
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ActlabError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    count: Callable[[str], int] | None = None
+    out: list[Document] = []
+    left = max_tokens
+    for doc in docs:
+        if isinstance(doc, list):
+            if len(doc) <= left:
+                out.append(doc)
+                left -= len(doc)
+            else:
+                out.append(doc[:left])
+                left = 0
+        elif isinstance(doc, str):
+            if count is None:
+                count = token_counter(tokenizer_or_count_fn, add_special_tokens=add_special_tokens)
+            n = count(doc)
+            if n <= left:
+                out.append(doc)
+                left -= n
+            else:
+                if count("") <= left:
+                    cut = _truncate_text(doc, left, count)
+                    if cut.strip():
+                        out.append(cut)
+                left = 0
+        else:
+            raise ActlabError(
+                f"documents must be strings or lists of token ids, got {type(doc).__name__}"
+            )
+        if left == 0:
+            break
+    return out
