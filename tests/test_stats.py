@@ -217,6 +217,39 @@ def test_nonfinite_values_are_counted_and_kept_out_of_moments():
     assert_same_state(one, st_copy.merge(st2))
 
 
+def test_fast_path_agrees_with_exact_path(monkeypatch):
+    """The vectorised float32 fast path and the masked float64 path give the same stats."""
+    import actlab.stats.channel as channel
+
+    x, doc, pos, tok = make_data(n=2000, w=70, seed=21, dtype=torch.float32)
+    fast = ChannelStats(70, topk=20)
+    fast.update(x, doc, pos, tok)
+    monkeypatch.setattr(channel.ChannelStats, "_update_block_fast", lambda self, *a: False)
+    exact = ChannelStats(70, topk=20)
+    exact.update(x, doc, pos, tok)
+    assert_same_state(fast, exact, float32_input=True)
+
+
+def test_other_input_dtypes_and_layouts():
+    x = torch.tensor([[60000.0, 1.0], [70000.0, 2.0]]).half()  # 70000 overflows to inf
+    st = ChannelStats(2)
+    st.update(x)
+    assert st.nonfinite.tolist() == [1, 0] and st.mean.tolist() == [60000.0, 1.5]
+    ints = ChannelStats(3)
+    ints.update(torch.tensor([[1, 0, 2], [3, 0, 0]]))
+    assert ints.mean.tolist() == [2.0, 0.0, 1.0] and ints.zeros.tolist() == [0, 2, 1]
+    y = torch.randn(40, 64, requires_grad=True)
+    a, b = ChannelStats(40), ChannelStats(40)
+    a.update(y.t())  # non-contiguous
+    b.update(y.detach().t().contiguous())
+    assert_same_state(a, b, rtol=0)
+    wide = ChannelStats(300_000, topk=3)  # wider than one tile
+    z = torch.randn(3, 300_000)
+    wide.update(z)
+    assert wide.top["top_value"].abs().max() == z.abs().max()
+    assert int(wide.hist.sum()) == z.numel()
+
+
 # ---------------------------------------------------------------- histogram
 def test_histogram_bins_match_reference_and_sum_to_count():
     b = SymlogBinning.from_range((1e-6, 1e6), 4)

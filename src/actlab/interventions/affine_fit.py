@@ -372,6 +372,7 @@ def _fit(model, names, src_train: EncodedTexts, src_val: EncodedTexts | None, ta
     maps: list[AffineMap] = []
     unit_biases: list[torch.Tensor] = []
     leaves: list[torch.Tensor] = []
+    weights: list[float] = []  # l1 weight of each leaf: 1 / width, matching the per-dimension mean of the loss
     identity = model.identity()
     for s in names:
         d = model.sites[s]
@@ -379,10 +380,12 @@ def _fit(model, names, src_train: EncodedTexts, src_val: EncodedTexts | None, ta
         unit_bias = torch.zeros(d, device=device, requires_grad=True)
         U = V = None
         leaves += [diag, unit_bias]
+        weights += [1.0 / d, 1.0 / d]
         if rank > 0:
             U = _orthonormal(d, rank, gen).to(device).requires_grad_(True)
             V = torch.zeros(d, rank, device=device, requires_grad=True)
             leaves += [U, V]
+            weights += [1.0 / d, 1.0 / d]
         unit_biases.append(unit_bias)
         # the maps act on every token while fitted; ``positions`` is stamped on the result
         maps.append(AffineMap(site=s, bias=unit_bias.detach() * stats[s].scale, diag=diag, U=U, V=V,
@@ -422,7 +425,7 @@ def _fit(model, names, src_train: EncodedTexts, src_val: EncodedTexts | None, ta
             return sum(site_loss(acts[s], st[s], levels, loss) for s in names)
 
         def penalty() -> torch.Tensor:
-            return sum(p.abs().sum() for p in leaves)
+            return sum(w * p.detach().abs().sum() for p, w in zip(leaves, weights))
 
         def w1(acts, st) -> dict[str, float]:
             return {s: float(w1_distance(acts[s].detach(), st[s], levels)) for s in names}
@@ -456,7 +459,7 @@ def _fit(model, names, src_train: EncodedTexts, src_val: EncodedTexts | None, ta
                 objective.backward()
                 opt.step()
                 if l1 > 0:
-                    _proximal_l1(opt, leaves, opt.param_groups[0]["lr"] * l1, beta2, eps)
+                    _proximal_l1(opt, leaves, weights, opt.param_groups[0]["lr"] * l1, beta2, eps)
                 sched.step()
                 with torch.no_grad():
                     final_loss = float(objective) + (l1 * float(penalty()) if l1 > 0 else 0.0)
@@ -501,20 +504,20 @@ def _fit(model, names, src_train: EncodedTexts, src_val: EncodedTexts | None, ta
     }
     out = []
     for m in maps:
-        own = lambda t: None if t is None else t.detach().float().cpu().clone()  # noqa: E731
+        own = lambda t: None if t is None else t.detach().float().cpu().clone(memory_format=torch.contiguous_format)  # noqa: E731
         out.append(AffineMap(site=m.site, bias=own(m.bias), diag=own(m.diag), U=own(m.U), V=own(m.V),
                              positions=positions, model=identity, params=dict(params)))
     return Composition(out)
 
 
-def _proximal_l1(opt: torch.optim.Adam, leaves, strength: float, beta2: float, eps: float) -> None:
-    """Soft-threshold each parameter by ``strength / (sqrt(v̂) + eps)``: the prox of l1 in Adam's metric."""
+def _proximal_l1(opt: torch.optim.Adam, leaves, weights, strength: float, beta2: float, eps: float) -> None:
+    """Soft-threshold each parameter by ``strength * weight / (sqrt(v̂) + eps)``: the prox of l1 in Adam's metric."""
     with torch.no_grad():
-        for p in leaves:
+        for p, weight in zip(leaves, weights):
             state = opt.state.get(p)
             if not state or "exp_avg_sq" not in state:
                 continue
             step = float(state["step"])
             denom = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt() + eps
-            threshold = strength / denom
+            threshold = strength * weight / denom
             p.copy_(torch.sign(p) * (p.abs() - threshold).clamp_min(0))

@@ -642,9 +642,11 @@ def _optional(module: str, name: str) -> Callable | None:
 def fit_methods(model, contrast: ContrastSet, site: str,
                 methods: Sequence[str] = ("mean-diff", "pca", "dims", "affine", "adapter"),
                 **kwargs) -> dict[str, Intervention | Composition]:
-    """Fit each method at ``site``: mean-diff / pca / dims steering vectors, an affine map
-    (``affine_fit.fit_affine``) and a low-rank adapter (``adapter_train.train_adapter``) when those
-    modules are installed; methods whose module is missing are skipped."""
+    """Fit each method at ``site``: mean-diff / pca / dims steering vectors, a LinEAS-style affine
+    map moving the negatives' activations toward the positives' (``affine_fit.fit_affine``) and a
+    LoReFT adapter trained with the language-model loss on the positive continuations
+    (``adapter_train.train_adapter``); methods whose module is missing are skipped. ``affine=`` and
+    ``adapter=`` dicts pass keyword arguments to those fitters."""
     out: dict[str, Intervention | Composition] = {}
     for method in methods:
         if method in ("mean-diff", "pca", "dims"):
@@ -655,8 +657,9 @@ def fit_methods(model, contrast: ContrastSet, site: str,
                 out[method] = fit(model, contrast, site, **kwargs.get("affine", {}))
         elif method == "adapter":
             train = _optional("adapter_train", "train_adapter")
-            if train is not None:
-                out[method] = train(model, contrast, site, **kwargs.get("adapter", {}))
+            if train is not None:  # language-model loss on the positive continuations (after their prompts)
+                data = list(zip(contrast.prompts, contrast.pos)) if contrast.paired else list(contrast.pos)
+                out[method] = train(model, data, site, **kwargs.get("adapter", {}))
         else:
             raise ActlabError(f"unknown method {method!r}; choose from mean-diff, pca, dims, affine, adapter")
     return out

@@ -29,7 +29,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 # Rows per internal block are chosen so a block holds at most this many elements: it bounds the
-# temporaries (a few block-sized tensors) whatever the batch size, and keeps float32 counts exact.
+# temporaries whatever the batch size (one Chan merge per block).
 _BLOCK_ELEMS = 1 << 21
 # Inside a block the fast path works on tiles of about this many values (1 MiB of float32),
 # small enough to stay in cache across its ~15 element-wise passes.
@@ -37,11 +37,12 @@ _TILE_ELEMS = 1 << 18
 
 
 class _Scratch(threading.local):
-    """Reusable block-sized work buffers, shared by every ChannelStats of a thread.
+    """Reusable work buffers, shared by every ChannelStats of a thread.
 
     Allocating fresh multi-MB tensors for every op makes the allocator hand pages back to the
     OS and fault them in again, which costs more than the arithmetic; reusing a few buffers
-    keeps the update memory-bound and its footprint fixed (at most 3 x _BLOCK_ELEMS values).
+    keeps the footprint fixed: two tiles, per-tile partial sums, per-row vectors of a block,
+    and (for float16/bfloat16 input only) one block converted to float32.
     """
 
     def __init__(self):
@@ -432,7 +433,7 @@ class ChannelStats:
         nt = -(-n // tr)
         stacks = _scratch.get("stacks", dt, (6 * nt, w))
         s1_t, s2_t, max_t, min_t, nz_t, sc_t = stacks.view(6, nt, w).unbind(0)
-        rowmax, small_tok = _scratch.get("rows", dt, (2, n)).unbind(0)
+        small_tok = _scratch.get("rows", dt, (1, n))[0]
         buf = _scratch.get("a", dt, (tr, w))
         abuf = _scratch.get("b", dt, (tr, w))
         consts = self._small_const(dt)
@@ -451,7 +452,6 @@ class ChannelStats:
             torch.amax(xt, 0, out=max_t[i])
             torch.amin(xt, 0, out=min_t[i])
             torch.abs(xt, out=at)
-            torch.amax(at, 1, out=rowmax[r0 : r0 + m])
             torch.sum(torch.sign(at, out=bt), 0, out=nz_t[i])
             if consts is not None:
                 # exact 0/1 indicator of |x| < eps (see _small_const)
@@ -487,7 +487,14 @@ class ChannelStats:
         self.active += n - small_ch
         self.hist += self.binning.fold(raw, dt)
         self._add_sparsity(small_tok)
-        self._add_top(xb, rowmax, row0, aux)
+        if self.topk and float(torch.maximum(bmax, -bmin).max()) >= self._top_floor:
+            # only when this block can change the top-k (rare once it is full): max |x| per row
+            rowmax = _scratch.get("rowmax", dt, (1, n))[0]
+            for i in range(nt):
+                r0 = i * tr
+                xt = xb[r0 : r0 + tr]
+                torch.amax(torch.abs(xt, out=abuf[: xt.shape[0]]), 1, out=rowmax[r0 : r0 + xt.shape[0]])
+            self._add_top(xb, rowmax, row0, aux)
         return True
 
     def _update_block_exact(self, xb: torch.Tensor, row0: int, aux) -> None:

@@ -1,0 +1,92 @@
+"""Paste a donor intervention into a recipient: Δ_R(h_R) = Δ_D(C_RD(h_R)) · C_DR.
+
+Every additive intervention actlab has is affine in h, so the pasted one has a closed form in
+the recipient's own space and is an ordinary Intervention (saved, composed, applied as usual):
+
+- steering vector v:           Δ_R = v C_DR (a constant: a SteeringVector)
+- affine Δ_D = h·diag + hUVᵀ + b, with h_D = h_R C + c (C = C_RD weight, c its offset):
+      Δ_R = h_R (C·diag) C_DR + h_R (C U)(C_DRᵀ V)ᵀ + (c·diag + c U Vᵀ + b) C_DR  (an AffineMap)
+- low-rank adapter Rᵀ(W h + b − R h) is the affine map with U = (W − R)ᵀ, V = Rᵀ, bias = b R.
+
+Differences map through the converter's weight only: offsets cancel in h' − h.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from actlab.errors import ActlabError
+from actlab.interventions.base import Composition, Intervention
+from actlab.interventions.types import AffineMap, LowRankAdapter, SteeringVector
+from actlab.transfer.converters import ConverterSet
+
+
+def _donor_layer(site: str) -> int:
+    if not site.startswith("resid."):
+        raise ActlabError(f"only residual-stream interventions (resid.{{i}}) can be pasted, not '{site}'")
+    return int(site.split(".")[1])
+
+
+def adapter_as_affine(adapter: LowRankAdapter) -> AffineMap:
+    """The LoReFT adapter written as an affine map with the same delta."""
+    R, W, b = adapter.R.float(), adapter.W.float(), adapter.b.float()
+    return AffineMap(site=adapter.site, coef=adapter.coef, positions=adapter.positions, model=adapter.model,
+                     params=dict(adapter.params), bias=b @ R, U=(W - R).T.contiguous(), V=R.T.contiguous())
+
+
+def _paste_one(item: Intervention, converters: ConverterSet, recipient_identity: dict) -> Intervention:
+    d = _donor_layer(item.site)
+    if d not in converters.layer_map:
+        raise ActlabError(f"no converter for donor layer {d}; converters cover donor layers {sorted(converters.layer_map)}"
+                          " (fit them with a --map that includes it)")
+    r = converters.layer_map[d]
+    to_d, to_r = converters.to_donor[d], converters.to_recipient[d]
+    C, C_dr = to_d.weight.float(), to_r.weight.float()  # [d_R, d_D], [d_D, d_R]
+    c = to_d.y_mean.float() - to_d.x_mean.float() @ C  # h_D = h_R C + c
+    params = {
+        "pasted_from": {"model": item.model, "site": item.site, "kind": item.kind, "params": item.params},
+        "converter_r2_to_donor": to_d.r2, "converter_r2_to_recipient": to_r.r2,
+    }
+    site = f"resid.{r}"
+    if isinstance(item, SteeringVector):
+        if item.norm_preserving:
+            raise ActlabError("a norm-preserving steering vector is not affine and cannot be pasted exactly; "
+                              "paste the plain vector and set norm_preserving on the result")
+        return SteeringVector(site=site, vector=item.vector.float() @ C_dr, coef=item.coef, positions=item.positions,
+                              model=recipient_identity, params=params)
+    if isinstance(item, LowRankAdapter):
+        item = adapter_as_affine(item)
+    if not isinstance(item, AffineMap):
+        raise ActlabError(f"cannot paste a {item.kind}: only steering vectors, affine maps and low-rank adapters "
+                          "act on the residual stream additively")
+    Us, Vs = [], []
+    bias_d = item.bias.float().clone()
+    if item.diag is not None:
+        diag = item.diag.float()
+        Us.append(C * diag)
+        Vs.append(C_dr.T)
+        bias_d = bias_d + c * diag
+    if item.U is not None:
+        U, V = item.U.float(), item.V.float()
+        Us.append(C @ U)
+        Vs.append(C_dr.T @ V)
+        bias_d = bias_d + (c @ U) @ V.T
+    return AffineMap(site=site, coef=item.coef, positions=item.positions, model=recipient_identity, params=params,
+                     bias=bias_d @ C_dr, U=torch.cat(Us, 1) if Us else None, V=torch.cat(Vs, 1) if Vs else None)
+
+
+def paste(intervention: Intervention | Composition, converters: ConverterSet, recipient=None) -> Intervention | Composition:
+    """The donor ``intervention`` expressed as a recipient intervention (same coefficient and positions)."""
+    donor_hash = converters.donor.get("config_hash")
+    items = intervention.edits()
+    for item in items:
+        made_for = item.model.get("config_hash")
+        if made_for and donor_hash and made_for != donor_hash:
+            raise ActlabError(f"the intervention was made for {item.model.get('model_name')}, but the converters' donor "
+                              f"is {converters.donor.get('model_name')}")
+    identity = recipient.identity() if recipient is not None else converters.recipient
+    if recipient is not None and converters.recipient.get("config_hash") not in (None, recipient.config_hash):
+        raise ActlabError(f"these converters were fitted for recipient {converters.recipient.get('model_name')}, "
+                          f"not {recipient.name}")
+    pasted = [_paste_one(item, converters, identity) for item in items]
+    return pasted[0] if len(pasted) == 1 else Composition(pasted)

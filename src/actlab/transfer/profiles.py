@@ -1,0 +1,102 @@
+"""Activation profiles: ``resid.{i}`` of every layer on a prompt set, the input of Command-V.
+
+Both models must be profiled on the same prompts; the file records a hash of them (and the
+prompts themselves) so converters are never fitted on mismatched rows. Prompts are used as
+given: no chat template is applied anywhere, so profiling and inference see the same text
+(the reference code templated profile prompts twice).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from actlab.errors import ActlabError
+
+FORMAT = "actlab.profile"
+
+
+def prompts_hash(prompts: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()[:16]
+
+
+@dataclass
+class ActivationProfile:
+    """``acts[layer]`` is ``[n_rows, d_model]`` float32: one row per prompt (last token) or per token."""
+
+    acts: dict[int, torch.Tensor]
+    model: dict  # Model.identity()
+    prompts: list[str]
+    positions: str
+    row_prompt: torch.Tensor  # [n_rows] index of the prompt each row came from
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.acts)
+
+    @property
+    def d_model(self) -> int:
+        return int(next(iter(self.acts.values())).shape[1])
+
+    @property
+    def prompts_hash(self) -> str:
+        return prompts_hash(self.prompts)
+
+    def save(self, path: str | Path) -> Path:
+        from actlab import __version__
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"resid.{i}": a.contiguous() for i, a in self.acts.items()}
+        tensors["row_prompt"] = self.row_prompt.contiguous()
+        metadata = {
+            "format": FORMAT, "actlab_version": __version__, "model": json.dumps(self.model),
+            "prompts": json.dumps(self.prompts), "prompts_hash": self.prompts_hash, "positions": self.positions,
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ActivationProfile":
+        path = Path(path)
+        if not path.is_file():
+            raise ActlabError(f"profile file '{path}' does not exist; make it with `actlab paste profile`")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ActlabError(f"'{path}' is not a readable profile file ({exc})") from None
+        if meta.get("format") != FORMAT:
+            raise ActlabError(f"'{path}' is not an actlab activation profile (format {meta.get('format')!r})")
+        acts = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("resid.")}
+        return cls(acts=dict(sorted(acts.items())), model=json.loads(meta["model"]),
+                   prompts=json.loads(meta["prompts"]), positions=meta["positions"], row_prompt=tensors["row_prompt"])
+
+
+def profile_model(
+    model, prompts: Sequence[str], *, positions: str = "last", batch_size: int = 16, progress: bool = False
+) -> ActivationProfile:
+    """Record ``resid.{i}`` for every layer at the last prompt token (or every token)."""
+    if len(prompts) == 0:
+        raise ActlabError("no prompts to profile: give at least a few hundred varied prompts")
+    if positions not in ("last", "all"):
+        raise ActlabError(f"profile positions must be 'last' or 'all', not {positions!r}")
+    sites = model.resolve("resid.*")
+    batch = model.collect(list(prompts), sites, positions=positions, batch_size=batch_size, progress=progress,
+                          description=f"profiling {model.name}")
+    acts = {i: batch.acts[f"resid.{i}"].float() for i in range(model.n_layers)}
+    for i, a in acts.items():
+        if not torch.isfinite(a).all():
+            raise ActlabError(f"{model.name}: resid.{i} has NaN/inf activations on the profile prompts")
+    return ActivationProfile(acts=acts, model=model.identity(), prompts=list(prompts), positions=positions,
+                             row_prompt=batch.doc_ids.clone())

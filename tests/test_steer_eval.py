@@ -1,0 +1,163 @@
+"""Steering evaluation: the machinery on a tiny model (fast) and the claims on the demo models (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as T
+
+import actlab
+from actlab.errors import ActlabError
+from actlab.interventions import SteeringVector
+from actlab.interventions.contrast import ContrastSet
+from actlab.interventions.evaluate import DoseResponse, LayerSweep, dose_response, genre_setup, layer_sweep, spearman
+from tiny_models import ByteTokenizer, tiny_config
+
+
+# ------------------------------------------------------------------------ tiny-model machinery
+class Tok(ByteTokenizer):
+    """ByteTokenizer that also takes one string and the truncation arguments perplexity passes."""
+
+    def __call__(self, texts, add_special_tokens=True, truncation=False, max_length=None, **kwargs):
+        single = isinstance(texts, str)
+        ids = super().__call__([texts] if single else list(texts))["input_ids"]
+        if truncation and max_length:
+            ids = [i[:max_length] for i in ids]
+        return {"input_ids": ids[0] if single else ids}
+
+
+class TokenClassifier:
+    """'hit' when a continuation contains the token id ``token`` (ByteTokenizer decodes to ids)."""
+
+    genres = ["hit", "miss"]
+
+    def __init__(self, token: int):
+        self.token = str(token)
+
+    def predict(self, texts):
+        return ["hit" if self.token in t.split() else "miss" for t in texts]
+
+
+TOKEN = 40
+
+
+@pytest.fixture(scope="module")
+def peaky():
+    """A tiny Llama with large weights, so its next-token distribution is sharp and steerable."""
+    cfg = tiny_config("llama")
+    cfg.initializer_range = 0.3
+    torch.manual_seed(0)
+    return actlab.load(T.LlamaForCausalLM(cfg).eval(), tokenizer=Tok())
+
+
+def toward_token(model, scale=20.0):
+    w = model.hf.get_output_embeddings().weight[TOKEN].detach()
+    return SteeringVector(site="resid.2", vector=w / w.norm() * scale, model=model.identity())
+
+
+PROMPTS = ["hello there", "abc", "the cat"]
+NEUTRAL = ["some neutral text here", "more text to score"]
+
+
+def test_dose_response_on_a_planted_direction(peaky, tmp_path):
+    vec = toward_token(peaky)
+    dr = dose_response(peaky, {"toward": vec}, [-4, 2, 4, 8], target_genre="hit", prompts=PROMPTS,
+                       neutral_texts=NEUTRAL, max_new_tokens=8, samples_per_prompt=2, classifier=TokenClassifier(TOKEN))
+    assert dr.coefs == [-4, 0, 2, 4, 8]  # 0 added, sorted
+    assert dr.methods == ["toward"] and set(dr.curves) == {"toward", "random"}
+    assert dr.curves["toward"].at(0) is dr.baseline and dr.curves["random"].at(0) is dr.baseline
+    assert dr.baseline.n == 6 and len(dr.baseline.samples) == 3
+    rates = dr.rates("toward")
+    assert rates[-1] == 1.0 and rates[-1] - dr.baseline.rate >= 0.8
+    assert spearman(dr.coefs, rates) > 0.8
+    s = dr.summary()
+    m = s["methods"]["toward"]
+    assert m["effect"] == m["rate_at_best"] - s["baseline_rate"] and m["effect"] >= 0.8
+    assert m["ppl_ratio_at_best"] <= 2.0 and m["best_coef"] > 0
+    assert s["random"]["control_of"] == "toward" and s["random"]["effect"] < m["effect"] / 3
+    assert abs(dr.curves["random"].norm - dr.curves["toward"].norm) < 1e-3
+    # perplexity rises with the size of the edit
+    ppl = dr.perplexities("toward")
+    assert ppl[-1] > ppl[1]
+    # JSON round trip, table and figure
+    data = json.loads(json.dumps(dr.to_dict()))
+    back = DoseResponse.from_dict(data)
+    assert back.rates("toward") == rates and back.summary()["methods"]["toward"]["effect"] == m["effect"]
+    assert "| toward |" in dr.table()
+    fig = dr.figure(tmp_path / "dr.png")
+    assert (tmp_path / "dr.png").stat().st_size > 5000 and len(fig.axes) == 2
+    # the shared seed makes reruns identical
+    again = dose_response(peaky, {"toward": vec}, [2], target_genre="hit", prompts=PROMPTS, neutral_texts=NEUTRAL,
+                          max_new_tokens=8, samples_per_prompt=2, classifier=TokenClassifier(TOKEN),
+                          include_random=False)
+    assert again.curves["toward"].at(2).samples == dr.curves["toward"].at(2).samples
+
+
+def test_layer_sweep_reports_the_best_layer(peaky, tmp_path):
+    w = peaky.hf.get_output_embeddings().weight[TOKEN].detach()
+    contrast = ContrastSet(pos=["aaaa bbb", "aab ab", "ba ab"], neg=["zzz yy", "zy zy zz", "yzy"])
+    sweep = layer_sweep(peaky, contrast, "resid.*", coef=4.0, target_genre="hit", prompts=PROMPTS,
+                        neutral_texts=NEUTRAL, max_new_tokens=6, classifier=TokenClassifier(TOKEN),
+                        include_random=True)
+    assert [r.site for r in sweep.layers] == ["resid.0", "resid.1", "resid.2"]
+    assert sweep.best_site in {"resid.0", "resid.1", "resid.2"}
+    ok = [r for r in sweep.layers if r.ppl_ratio <= sweep.max_ppl_ratio]
+    if ok:
+        assert sweep.best.effect == max(r.effect for r in ok)
+    assert all(r.random_rate is not None and r.effect == r.rate - sweep.baseline.rate for r in sweep.layers)
+    back = LayerSweep.from_dict(json.loads(json.dumps(sweep.to_dict())))
+    assert back.best_site == sweep.best_site and "**best**" in sweep.table()
+    sweep.figure(tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").is_file()
+    assert w.shape[0] == peaky.d_model
+
+
+def test_evaluation_refuses_bad_input(peaky):
+    vec = toward_token(peaky)
+    common = dict(target_genre="hit", prompts=PROMPTS, neutral_texts=NEUTRAL, classifier=TokenClassifier(TOKEN))
+    with pytest.raises(ActlabError, match="NaN or inf"):
+        dose_response(peaky, {"v": vec}, [1, float("nan")], **common)
+    with pytest.raises(ActlabError, match="unknown genre"):
+        dose_response(peaky, {"v": vec}, [1], **(common | {"target_genre": "poetry"}))
+    with pytest.raises(ActlabError, match="no prompts"):
+        dose_response(peaky, {"v": vec}, [1], **(common | {"prompts": []}))
+    with pytest.raises(ActlabError, match="no interventions"):
+        dose_response(peaky, {}, [1], **common)
+    with pytest.raises(ActlabError, match="reserved"):
+        dose_response(peaky, {"random": vec}, [1], **common)
+    with pytest.raises(ActlabError, match="greedy"):
+        dose_response(peaky, {"v": vec}, [1], do_sample=False, samples_per_prompt=2, **common)
+    with pytest.raises(ActlabError, match="width"):
+        dose_response(peaky, {"v": SteeringVector(site="resid.1", vector=torch.ones(7))}, [1], **common)
+
+
+def test_spearman():
+    assert spearman([0, 1, 2, 3], [0.1, 0.2, 0.2, 0.9]) > 0.9
+    assert spearman([0, 1, 2], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([0, 1, 2], [1, 1, 1]) != spearman([0, 1, 2], [1, 1, 1])  # nan for a constant side
+
+
+def test_genre_setup_keeps_fit_and_evaluation_apart():
+    setup = genre_setup("scripture", n_fit=64, n_prompts=16, n_neutral=32)
+    assert len(setup.contrast.pos) == 64 and setup.contrast.paired
+    assert len(setup.prompts) == 16 and len(set(setup.prompts)) == 16
+    assert len(setup.neutral_texts) == 32
+    with pytest.raises(ActlabError, match="unknown genre"):
+        genre_setup("poetry")
+
+
+# ------------------------------------------------------------------------ demo models (slow)
+DEMO = {}  # filled in below
+
+
+def demo(name: str):
+    from actlab.models.loading import zoo_models
+
+    if name not in zoo_models():
+        pytest.skip(f"{name} is not in the zoo yet (scripts/train_demo_models.py {name})")
+    if name not in DEMO:
+        torch.set_num_threads(1)
+        DEMO[name] = actlab.load(name)
+    return DEMO[name]
