@@ -23,6 +23,8 @@ app = typer.Typer(
 )
 store_app = typer.Typer(help="Inspect and check on-disk activation stores.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
+paste_app = typer.Typer(help="Command-V: paste an intervention from a donor model into a recipient.", no_args_is_help=True)
+app.add_typer(paste_app, name="paste")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -214,6 +216,74 @@ def store_verify(path: Path = typer.Argument(..., help="Store directory.")):
             err_console.print(f"[red]✗[/] {problem}")
         raise typer.Exit(1)
     console.print(f"[green]✓[/] {path}: every shard matches its checksum")
+
+
+def _prompts(path: Optional[Path]) -> list[str]:
+    from actlab.datasets import default_prompts
+    from actlab.io import read_documents
+
+    return default_prompts() if path is None else list(read_documents(path))
+
+
+@paste_app.command("profile")
+@friendly
+def paste_profile(
+    model: str = typer.Argument("demo-llama", help=MODEL_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Profile file (.safetensors)."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompt file (default: the bundled prompt set). Use the same file for both models."),
+    positions: str = typer.Option("last", help="last (last prompt token, one row per prompt) or all (every token; same tokenizer only)."),
+    batch_size: int = typer.Option(16, help="Prompts per forward pass."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+):
+    """Record resid.{i} of every layer on a prompt set: the activation profile Command-V fits converters on."""
+    from actlab.transfer import profile_model
+
+    m = _load(model, device, dtype)
+    profile = profile_model(m, _prompts(prompts), positions=positions, batch_size=batch_size, progress=True)
+    profile.save(out)
+    console.print(f"[green]wrote[/] {out}: {profile.n_layers} layers × {profile.acts[0].shape[0]} rows × {profile.d_model}")
+
+
+@paste_app.command("run")
+@friendly
+def paste_run(
+    donor: str = typer.Option(..., help="Donor model (the one the intervention was made for)."),
+    recipient: str = typer.Option(..., help="Recipient model (receives the pasted intervention)."),
+    intervention: Path = typer.Option(..., help="Donor intervention file (steering vector, affine map or adapter at resid.{i})."),
+    out: Path = typer.Option(..., "--out", "-o", help="Recipient intervention file to write."),
+    prompts: Optional[Path] = typer.Option(None, help="Profile prompt file (default: the bundled prompt set)."),
+    layer_map: Optional[str] = typer.Option(None, "--map", help="Explicit donor:recipient layer pairs, e.g. 0:0,2:3 (default: relative depth)."),
+    positions: str = typer.Option("last", help="Profile positions: last or all."),
+    cache_dir: Path = typer.Option(Path(".actlab-cache"), help="Where profiles are cached between runs."),
+    converters_out: Optional[Path] = typer.Option(None, help="Also save the fitted converters here."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+):
+    """Profile both models (cached) → fit converters → paste the donor intervention into the recipient."""
+    from actlab.interventions import load_interventions
+    from actlab.transfer import cached_profile, fit_converters, parse_layer_map, paste, predicted_effect
+
+    d_model, r_model = _load(donor, device, dtype), _load(recipient, device, dtype)
+    donor_edit = load_interventions(intervention, d_model)
+    texts = _prompts(prompts)
+    d_prof = cached_profile(d_model, texts, positions=positions, cache_dir=cache_dir, progress=True)
+    r_prof = cached_profile(r_model, texts, positions=positions, cache_dir=cache_dir, progress=True)
+    mapping = parse_layer_map(layer_map, d_model.n_layers, r_model.n_layers) if layer_map else None
+    converters = fit_converters(d_prof, r_prof, layer_map=mapping)
+    if converters_out is not None:
+        converters.save(converters_out)
+    pasted = paste(donor_edit, converters, r_model)
+    pasted.save(out)
+    table = Table(title=f"pasted {intervention.name} from {donor} into {recipient} "
+                        f"(converters fitted in {converters.fit_seconds:.2f} s on {len(texts)} prompts)")
+    for col in ("donor site", "recipient site", "kind", "held-out R² R→D", "held-out R² D→R", "|Δ|/|h| donor", "|Δ|/|h| pasted"):
+        table.add_column(col, justify="right")
+    for row in predicted_effect(donor_edit, pasted, d_prof, r_prof, converters):
+        table.add_row(row["donor_site"], row["recipient_site"], row["kind"], f"{row['r2_to_donor']:.3f}",
+                      f"{row['r2_to_recipient']:.3f}", f"{row['donor_rel_norm']:.3f}", f"{row['recipient_rel_norm']:.3f}")
+    console.print(table)
+    console.print(f"[green]wrote[/] {out}: apply it with `actlab generate {recipient} PROMPT --edit {out}:1.0`")
 
 
 def main() -> None:  # pragma: no cover

@@ -90,3 +90,22 @@ def paste(intervention: Intervention | Composition, converters: ConverterSet, re
                           f"not {recipient.name}")
     pasted = [_paste_one(item, converters, identity) for item in items]
     return pasted[0] if len(pasted) == 1 else Composition(pasted)
+
+
+def predicted_effect(donor_edit, pasted, donor_profile, recipient_profile, converters: ConverterSet) -> list[dict]:
+    """Per pasted item: mean ‖Δ‖/‖h‖ on the profile rows, in the donor and (pasted) in the recipient.
+
+    Similar ratios mean the paste moves the recipient about as far, relative to its own stream,
+    as the original moves the donor.
+    """
+    rows = []
+    for d_item, r_item in zip(donor_edit.edits(), pasted.edits()):
+        d_layer, r_layer = int(d_item.site.split(".")[1]), int(r_item.site.split(".")[1])
+        h_d, h_r = donor_profile.acts[d_layer], recipient_profile.acts[r_layer]
+        rel_d = (d_item.coef * d_item.delta(h_d)).norm(dim=-1) / h_d.norm(dim=-1).clamp_min(1e-12)
+        rel_r = (r_item.coef * r_item.delta(h_r)).norm(dim=-1) / h_r.norm(dim=-1).clamp_min(1e-12)
+        rows.append({"donor_site": d_item.site, "recipient_site": r_item.site, "kind": d_item.kind,
+                     "donor_rel_norm": float(rel_d.mean()), "recipient_rel_norm": float(rel_r.mean()),
+                     "r2_to_donor": converters.to_donor[d_layer].r2,
+                     "r2_to_recipient": converters.to_recipient[d_layer].r2})
+    return rows

@@ -100,3 +100,20 @@ def profile_model(
             raise ActlabError(f"{model.name}: resid.{i} has NaN/inf activations on the profile prompts")
     return ActivationProfile(acts=acts, model=model.identity(), prompts=list(prompts), positions=positions,
                              row_prompt=batch.doc_ids.clone())
+
+
+def cached_profile(model, prompts: Sequence[str], *, positions: str = "last", cache_dir: str | Path = ".actlab-cache",
+                   batch_size: int = 16, progress: bool = False) -> ActivationProfile:
+    """Profile once per (model, prompts, positions) and reuse the file afterwards."""
+    key = f"{model.config_hash}-{prompts_hash(prompts)}-{positions}"
+    path = Path(cache_dir) / "profiles" / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            cached = ActivationProfile.load(path)
+            if cached.model.get("config_hash") == model.config_hash:
+                return cached
+        except ActlabError:
+            pass  # a damaged cache entry is simply recomputed
+    result = profile_model(model, prompts, positions=positions, batch_size=batch_size, progress=progress)
+    result.save(path)
+    return result
