@@ -446,6 +446,8 @@ def test_user_errors_are_actlab_errors():
         ChannelStats(4, hist_range=(10, 1))
     with pytest.raises(ActlabError, match="bins_per_octave"):
         ChannelStats(4, bins_per_octave=3)
+    with pytest.raises(ActlabError, match="site 'a': width"):
+        StatsSink({"a": 0})
     with pytest.raises(ActlabError, match="unknown stats option"):
         StatsSink({"a": 4}, bins=3)
     st = ChannelStats(4)

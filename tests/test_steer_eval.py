@@ -133,6 +133,22 @@ def test_evaluation_refuses_bad_input(peaky):
         dose_response(peaky, {"v": SteeringVector(site="resid.1", vector=torch.ones(7))}, [1], **common)
 
 
+def test_fit_methods_fits_every_available_method(peaky):
+    from actlab.interventions.evaluate import fit_methods
+
+    contrast = ContrastSet(pos=["aaaa bbb", "aab ab", "ba ab", "abab", "bbba"],
+                           neg=["zzz yy", "zy zy zz", "yzy", "zzy", "yyz"], prompts=["p ", "q ", "r ", "s ", "t "])
+    out = fit_methods(peaky, contrast, "resid.1", affine={"steps": 5}, adapter={"steps": 5})
+    assert list(out)[:3] == ["mean-diff", "pca", "dims"]
+    assert all(out[m].site == "resid.1" for m in ("mean-diff", "pca", "dims"))
+    if "affine" in out:
+        assert {e.kind for e in out["affine"].edits()} == {"affine"}
+    if "adapter" in out:
+        assert out["adapter"].kind == "low_rank_adapter"
+    with pytest.raises(ActlabError, match="unknown method"):
+        fit_methods(peaky, contrast, "resid.1", ["magic"])
+
+
 def test_spearman():
     assert spearman([0, 1, 2, 3], [0.1, 0.2, 0.2, 0.9]) > 0.9
     assert spearman([0, 1, 2], [3, 2, 1]) == pytest.approx(-1.0)

@@ -12,8 +12,10 @@ Recipe:
    paired sets the shared prompt's tokens are left out) and reduced to per-dimension quantiles
    (or means and standard deviations).
 2. The maps start as the identity (``diag = 0``, ``bias = 0``; with ``rank > 0`` the low-rank part
-   ``U`` has random orthonormal columns and ``V = 0``). Their tensors are leaves that require grad;
-   the model's weights are frozen for the duration of the fit and restored afterwards.
+   ``U`` has random orthonormal columns and ``V = 0``). Their tensors are leaves that require grad
+   (the bias is learnt in units of the site's target scale, so one learning rate suits models whose
+   activations differ in size); the model's weights are frozen for the duration of the fit and
+   their ``requires_grad`` flags restored afterwards. Adam with a cosine decay to ``lr / 10``.
 3. Every step runs the model on a batch of source texts with *all* maps applied through
    ``model.edit``; grad-keeping readers take each site's edited activations (the forward stops
    after the last site). The loss is the sum over sites of a per-dimension distributional
@@ -26,10 +28,14 @@ Recipe:
    * ``"moments"``: squared difference of means plus squared difference of standard deviations,
      averaged over dimensions.
 
-4. Sparsity: ``l1 > 0`` adds ``l1 * (|diag|₁ + |bias / scale|₁ + |U|₁ + |V|₁)`` (the bias is measured
-   in units of the site's target scale so the penalty is dimensionless). It is applied as the
-   proximal step of Adam's diagonal metric (soft-thresholding by ``lr * l1 / (sqrt(v̂) + eps)``)
-   after every Adam step, which gives exact zeros rather than parameters jittering around zero.
+4. Sparsity: ``l1 > 0`` adds ``l1 / width * (|diag|₁ + |bias / scale|₁ + |U|₁ + |V|₁)`` per site (the
+   bias in units of the site's target scale, the sum divided by the width like the loss is
+   averaged over dimensions, so ``l1`` means the same for every model: a dimension's parameter is
+   worth keeping when it lowers that dimension's distance, in target-scale units, by more than
+   ``l1`` times its size; with the Wasserstein loss ``l1 >= 1`` zeroes everything, 0.1-0.5 is the
+   useful range). It is applied as the proximal step in Adam's diagonal metric (soft-thresholding
+   by ``lr * l1 / width / (sqrt(v̂) + eps)``) after every Adam step, which gives exact zeros rather
+   than parameters jittering around zero; ``params["zero_fraction"]`` reports them.
 5. Early stopping: a fraction of the examples is held out; the held-out distance is evaluated every
    ``eval_every`` steps and the best maps are kept (``patience`` evaluations without improvement
    stop the fit).
@@ -42,6 +48,7 @@ objective, far cheaper). ``fit_affine_to_targets`` fits maps to arbitrary given 
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from contextlib import contextmanager
@@ -506,7 +513,7 @@ def _fit(model, names, src_train: EncodedTexts, src_val: EncodedTexts | None, ta
     for m in maps:
         own = lambda t: None if t is None else t.detach().float().cpu().clone(memory_format=torch.contiguous_format)  # noqa: E731
         out.append(AffineMap(site=m.site, bias=own(m.bias), diag=own(m.diag), U=own(m.U), V=own(m.V),
-                             positions=positions, model=identity, params=dict(params)))
+                             positions=positions, model=identity, params=copy.deepcopy(params)))
     return Composition(out)
 
 

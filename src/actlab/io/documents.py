@@ -63,7 +63,9 @@ def _check_file(path: str | os.PathLike) -> Path:
     return p
 
 
-def _decode_error(path: Path, raw: bytes, line_no: int, line_start: int, err: UnicodeDecodeError) -> ActlabError:
+def _decode_error(
+    path: Path, raw: bytes, line_no: int, line_start: int, err: UnicodeDecodeError
+) -> ActlabError:
     offset = line_start + err.start
     bad = raw[err.start : err.start + 1]
     return ActlabError(

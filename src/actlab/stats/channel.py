@@ -355,8 +355,9 @@ class ChannelStats:
         """Add ``x`` (``[n, width]``, any float dtype) to the stats.
 
         ``doc_ids``, ``positions``, ``token_ids`` (``[n]`` integers, optional: -1 when absent)
-        only label the top-k entries. Work is done in blocks of at most ~4M elements with
-        vectorised torch ops; nothing is kept from ``x`` except the top-k labels.
+        only label the top-k entries. Work is done in blocks of at most 2**21 values (walked in
+        cache-sized tiles) with vectorised torch ops; nothing of ``x`` is kept except the
+        top-k entries.
         """
         if not isinstance(x, torch.Tensor):
             raise ActlabError(f"activations must be a torch.Tensor, got {type(x).__name__}")
@@ -433,7 +434,7 @@ class ChannelStats:
         nt = -(-n // tr)
         stacks = _scratch.get("stacks", dt, (6 * nt, w))
         s1_t, s2_t, max_t, min_t, nz_t, sc_t = stacks.view(6, nt, w).unbind(0)
-        small_tok = _scratch.get("rows", dt, (1, n))[0]
+        small_tok, rowmax = _scratch.get("rows", dt, (2, n)).unbind(0)
         buf = _scratch.get("a", dt, (tr, w))
         abuf = _scratch.get("b", dt, (tr, w))
         consts = self._small_const(dt)
@@ -452,6 +453,8 @@ class ChannelStats:
             torch.amax(xt, 0, out=max_t[i])
             torch.amin(xt, 0, out=min_t[i])
             torch.abs(xt, out=at)
+            if self.topk:
+                torch.amax(at, 1, out=rowmax[r0 : r0 + m])
             torch.sum(torch.sign(at, out=bt), 0, out=nz_t[i])
             if consts is not None:
                 # exact 0/1 indicator of |x| < eps (see _small_const)
@@ -487,13 +490,7 @@ class ChannelStats:
         self.active += n - small_ch
         self.hist += self.binning.fold(raw, dt)
         self._add_sparsity(small_tok)
-        if self.topk and float(torch.maximum(bmax, -bmin).max()) >= self._top_floor:
-            # only when this block can change the top-k (rare once it is full): max |x| per row
-            rowmax = _scratch.get("rowmax", dt, (1, n))[0]
-            for i in range(nt):
-                r0 = i * tr
-                xt = xb[r0 : r0 + tr]
-                torch.amax(torch.abs(xt, out=abuf[: xt.shape[0]]), 1, out=rowmax[r0 : r0 + xt.shape[0]])
+        if self.topk:
             self._add_top(xb, rowmax, row0, aux)
         return True
 
@@ -610,6 +607,8 @@ class ChannelStats:
                 f"cannot merge stats with different configs: {self.config()} vs {other.config()}; "
                 "compute both with the same width, eps, histogram and topk settings"
             )
+        if other is self:
+            other = other.copy()
         self._merge_moments(other.n_finite.to(torch.float64), other._mean, other.m2)
         self.count += other.count
         self.nonfinite += other.nonfinite
@@ -636,10 +635,10 @@ class ChannelStats:
         if tot > 0:
             # pooled over every finite value of the site (exact from per-channel moments)
             mu = float((self._mean * n).sum() / tot)
-            ex2 = float(((self.m2 + n * (self._mean - mu) ** 2)).sum() / tot)
+            var = max(float((self.m2 + n * (self._mean - mu) ** 2).sum() / tot), 0.0)
             out["mean"] = mu
-            out["std"] = math.sqrt(max(ex2, 0.0))
-            out["rms"] = math.sqrt(max(ex2, 0.0) + mu * mu)
+            out["std"] = math.sqrt(var)
+            out["rms"] = math.sqrt(var + mu * mu)
         else:
             out["mean"] = out["std"] = out["rms"] = math.nan
         has = self.count > 0

@@ -6,13 +6,15 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from actlab.engine.batch import TokenBatch
 from actlab.errors import ActlabError
 from actlab.stats.channel import STATE_FIELDS, ChannelStats
+
+if TYPE_CHECKING:  # no runtime import: the engine may import this module
+    from actlab.engine.batch import TokenBatch
 
 __all__ = ["StatsSink", "FORMAT", "FORMAT_VERSION", "HEADER_KEY"]
 
@@ -49,7 +51,8 @@ class StatsSink:
             )
         self.cfg = dict(cfg)
         self.stats: dict[str, ChannelStats] = {}
-        self.metadata: dict[str, Any] = {}  # extra metadata of a loaded file
+        self.metadata: dict[str, Any] = {}  # the caller's metadata of a loaded file
+        self.file_header: dict[str, Any] | None = None  # whole header of a loaded file
         if sites_widths is not None:
             if not isinstance(sites_widths, dict) or not sites_widths:
                 raise ActlabError(
@@ -64,6 +67,8 @@ class StatsSink:
     def _add_site(self, site: str, width: int) -> None:
         if not isinstance(site, str) or not site:
             raise ActlabError(f"site names must be non-empty strings, got {site!r}")
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ActlabError(f"site {site!r}: width must be a positive integer, got {width!r}")
         self.stats[site] = ChannelStats(width, **self.cfg)
 
     @property
@@ -149,7 +154,9 @@ class StatsSink:
         try:
             header = json.dumps(self.header(metadata), sort_keys=True, allow_nan=False)
         except (TypeError, ValueError) as e:
-            raise ActlabError(f"stats metadata must be JSON-serialisable (strings, numbers, lists, dicts): {e}") from None
+            raise ActlabError(
+                f"stats metadata must be JSON-serialisable (strings, numbers, lists, dicts): {e}"
+            ) from None
         tensors = {
             f"{site}/{name}": t for site, st in self.stats.items() for name, t in st.state_dict().items()
         }
@@ -173,7 +180,8 @@ class StatsSink:
 
         path = Path(path)
         if not path.is_file():
-            raise ActlabError(f"stats file {path} not found" + (" (it is a directory)" if path.is_dir() else ""))
+            what = "is a directory, not a stats file" if path.is_dir() else "not found"
+            raise ActlabError(f"stats file {path} {what}")
         bad = f"{path} is not a valid actlab stats file"
         tensors: dict[str, torch.Tensor] = {}
         try:
