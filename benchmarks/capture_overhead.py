@@ -69,6 +69,10 @@ def main() -> None:
         with torch.no_grad():
             model.hf(**inputs)
 
+    def plain_no_head():
+        with torch.no_grad():
+            model.hf.model(**inputs)
+
     def capture():
         with model.capture(sites):
             plain()
@@ -87,13 +91,16 @@ def main() -> None:
     print(f"model: Llama-shaped, {n_params / 1e6:.1f}M parameters, {len(sites)} resid sites; "
           f"batch {args.batch} x {args.seq} tokens; threads={args.threads}; median of {args.repeats}")
     base = median_time(plain, args.repeats)
-    rows = [("plain forward", base)]
+    rows = [("plain forward", base), ("plain forward, no LM head", median_time(plain_no_head, args.repeats))]
     for name, fn in [("capture resid.* (model.capture)", capture), ("capture resid.* (runner, flat)", runner_capture),
                      ("record resid.* to store", store), ("stats resid.* + mlp.hidden.*", stats)]:
         rows.append((name, median_time(fn, args.repeats)))
-    print(f"{'variant':40s} {'ms':>9s} {'ratio':>7s}")
+    no_head = rows[1][1]
+    print(f"{'variant':40s} {'ms':>9s} {'vs plain':>9s} {'vs no-head':>11s}")
     for name, seconds in rows:
-        print(f"{name:40s} {seconds * 1e3:9.1f} {seconds / base:7.3f}x")
+        print(f"{name:40s} {seconds * 1e3:9.1f} {seconds / base:8.3f}x {seconds / no_head:10.3f}x")
+    print("(runner variants stop after the last requested site, so they skip the LM head: compare them with the "
+          "no-head baseline too)")
 
     peer_python = ROOT / ".bench-venv" / "bin" / "python"
     if peer_python.exists():

@@ -44,8 +44,10 @@ def bench_nnsight(ids, repeats):
             hf(input_ids=ids, use_cache=False)
 
     def capture():
+        saved = []
         with torch.no_grad(), wrapped.trace(input_ids=ids, use_cache=False):
-            saved = [layer.output.save() for layer in wrapped.model.layers]
+            for layer in wrapped.model.layers:
+                saved.append(layer.output.save())
         return saved
 
     base = median_time(plain, repeats)

@@ -13,7 +13,7 @@ from actlab.analyses.massive import MassiveResult, MassiveSet, massive_activatio
 from actlab.engine.batch import TokenBatch
 from actlab.engine.reservoir import Reservoir
 from actlab.stats import StatsSink
-from test_analyses_sparsity import DOCS, check_protocol, load_demo, load_tiny
+from test_analyses_sparsity import DOCS, check_protocol, demo_texts, load_demo, load_tiny
 
 CHANNEL, POSITION, BUMP = 7, 2, 500.0
 
@@ -130,19 +130,15 @@ def test_bert_runs_but_skips_ablation():
 
 
 @pytest.mark.slow
-def test_demo_models_massive_report():
-    for name in ("demo-gpt2", "demo-llama"):
-        model = load_demo(name)
-        texts = [
-            "The cat sat on the mat and looked out of the window at the rain.",
-            "In the beginning was the word, and the word was with God.",
-            "To install the package, run pip install and then import it in Python.",
-            "A fortune: you will meet an old friend in an unexpected place.",
-        ] * 2
-        data = collect_profile_data(model, texts, eval_texts=texts[:4], reservoir_size=1024)
-        res = massive_activations(model, data, prompts=texts[:4], ablation_texts=texts[:4])
-        assert isinstance(res, MassiveResult) and len(res.layers) == model.n_layers
-        assert all(r >= 1 for r in res.top1_ratio)
-        if res.ablation["ran"]:
-            assert res.ablation["n_set_zero"] > 0
-        check_protocol(res)
+@pytest.mark.parametrize("name", ["demo-gpt2", "demo-llama"])
+def test_demo_models_massive_report(name):
+    model = load_demo(name)
+    docs, evals = demo_texts()
+    data = collect_profile_data(model, docs[:48], eval_texts=evals, reservoir_size=2048)
+    res = massive_activations(model, data, prompts=docs[:16])
+    assert isinstance(res, MassiveResult) and res.layers == list(range(model.n_layers))
+    assert all(r > 1 for r in res.top1_ratio)
+    assert res.n_prompts == 16 and all(inv["modal_channel_frac"] > 0 for inv in res.invariance)
+    if res.ablation["ran"]:
+        assert res.ablation["n_set_zero"] > 0
+    check_protocol(res)

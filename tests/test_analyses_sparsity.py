@@ -260,20 +260,20 @@ def test_ppl_sparsity_real_perplexity_on_tiny_gpt2():
     assert r["rise_pct"] <= 1.0
     assert np.mean([e.measured_sparsity for e in edits]) == pytest.approx(r["sparsity"])
     assert min(r["sparsity_per_layer"][i] - res.natural_zero_frac[i] for i in range(3)) >= -0.1
+    # unedited sparsity is measured on the eval texts: compare with a direct capture
+    ref = captured(model, docs=data.eval_texts)
+    for i, site in enumerate(res.sites):
+        assert res.natural_zero_frac[i] == pytest.approx(float((ref[site] == 0).double().mean()), abs=1e-3)
     check_protocol(res)
 
 
 # ----------------------------------------------------------------------------- demo models
-DEMO_TEXTS = [
-    "The cat sat on the mat and looked out of the window at the rain.",
-    "In the beginning was the word, and the word was with God.",
-    "To install the package, run pip install and then import it in Python.",
-    "A fortune: you will meet an old friend in an unexpected place.",
-    "The committee met on Tuesday to discuss the budget for next year.",
-    "She opened the door, took a deep breath, and stepped outside.",
-    "Water boils at one hundred degrees Celsius at sea level.",
-    "He said that the results were surprising, but not impossible.",
-] * 3
+def demo_texts() -> tuple[list[str], list[str]]:
+    """(profile texts, eval texts) from the bundled default prompts."""
+    from actlab.datasets import default_prompts
+
+    prompts = default_prompts()
+    return prompts[:96], prompts[96:112]
 
 
 def load_demo(name):
@@ -287,21 +287,26 @@ def load_demo(name):
 @pytest.mark.slow
 def test_demo_relu_model_much_sparser_than_swiglu():
     gpt2, llama = load_demo("demo-gpt2"), load_demo("demo-llama")
-    relu = activation_sparsity(profile(gpt2, DEMO_TEXTS), gpt2)
-    swiglu = activation_sparsity(profile(llama, DEMO_TEXTS), llama)
+    docs, evals = demo_texts()
+    relu = activation_sparsity(collect_profile_data(gpt2, docs, eval_texts=evals), gpt2)
+    swiglu = activation_sparsity(collect_profile_data(llama, docs, eval_texts=evals), llama)
     assert np.mean(relu.zero_frac) > 0.5
     assert np.mean(relu.zero_frac) > np.mean(swiglu.zero_frac) + 0.4
     assert np.mean(swiglu.zero_frac) < 0.05
 
 
 @pytest.mark.slow
-def test_demo_ppl_sparsity_bisection_brackets_the_budget():
-    model = load_demo("demo-gpt2")
-    data = collect_profile_data(model, DEMO_TEXTS[:16], eval_texts=DEMO_TEXTS[16:], reservoir_size=2048)
+@pytest.mark.parametrize("name", ["demo-gpt2", "demo-llama"])
+def test_demo_ppl_sparsity_bisection_brackets_the_budget(name):
+    model = load_demo(name)
+    docs, evals = demo_texts()
+    data = collect_profile_data(model, docs[:48], eval_texts=evals, reservoir_size=2048)
     res = ppl_sparsity(model, data, ps=(1, 5), steps=6)
     for r in res.levels:
         assert r["rise_pct"] <= r["p"]
+        assert r["sparsity"] >= np.mean(res.natural_zero_frac) - 1e-3
         if r["next_level"] is not None:
             assert r["next_rise_pct"] > r["p"]
             assert r["next_level"] - r["level"] == pytest.approx(2.0 ** -6)
     assert res.levels[0]["level"] <= res.levels[1]["level"]
+    check_protocol(res)

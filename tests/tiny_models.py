@@ -63,8 +63,12 @@ class ByteTokenizer:
     pad_token = None
     model_max_length = 64
 
-    def __call__(self, texts, add_special_tokens=True):
-        return {"input_ids": [[3 + (b % (VOCAB - 3)) for b in t.encode()] for t in texts]}
+    def __call__(self, texts, add_special_tokens=True, truncation=False, max_length=None, **_):
+        single = isinstance(texts, str)
+        ids = [[3 + (b % (VOCAB - 3)) for b in t.encode()] for t in ([texts] if single else texts)]
+        if truncation and max_length is not None:
+            ids = [row[:max_length] for row in ids]
+        return {"input_ids": ids[0] if single else ids}
 
     def batch_decode(self, ids, skip_special_tokens=True):
         return [" ".join(str(int(i)) for i in row) for row in ids]

@@ -78,7 +78,7 @@ class PplSparsityResult:
     base_ppl: float
     layers: list[int]
     sites: list[str]
-    natural_zero_frac: list[float]  # per layer, exact-zero fraction of the reservoir (no edit)
+    natural_zero_frac: list[float]  # per layer, exact-zero fraction without edit (on the eval texts)
     levels: list[dict[str, Any]]  # one per p: see ``ppl_sparsity``
     evaluations: list[dict[str, float]]  # every (level, ppl, measured sparsity) evaluated, by level
     steps: int
@@ -153,7 +153,7 @@ class PplSparsityResult:
             for r in self.levels:
                 ax.plot(self.layers, [100 * v if v is not None else math.nan for v in r["sparsity_per_layer"]], "o-",
                         label=f"PPL-{r['p']:g}%")
-            ax.plot(self.layers, [100 * v for v in self.natural_zero_frac], "k--", label="exact zeros, unedited")
+            ax.plot(self.layers, [100 * v for v in self.natural_zero_frac], "k--", label="unedited (exact zeros)")
             ax.set_xlabel("layer")
             integer_xaxis(ax)
             ax.set_ylabel("sparsity (%)")
@@ -220,7 +220,6 @@ def ppl_sparsity(
     steps = max(1, int(steps))
 
     sorted_abs = {s: np.sort(reservoir_acts(data, s).abs().flatten().numpy()) for s in sites}
-    natural = [float((reservoir_acts(data, s) == 0).double().mean()) for s in sites]
 
     def reservoir_sparsity(thresholds: dict[str, float]) -> dict[str, float]:
         out = {}
@@ -253,7 +252,9 @@ def ppl_sparsity(
         cache[level] = rec
         return rec
 
-    base = run(0.0)["ppl"]
+    unedited = run(0.0)
+    base = unedited["ppl"]
+    natural = [float(unedited["per_layer"][s]) for s in sites]
 
     def rise(rec) -> float:
         return 100.0 * (rec["ppl"] / base - 1.0) if math.isfinite(rec["ppl"]) and base > 0 else math.inf
