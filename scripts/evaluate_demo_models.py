@@ -52,8 +52,11 @@ def genre_windows(tokdir: Path, split: str, max_windows: int):
     return out
 
 
-def unigram_logprobs(tokdir: Path, vocab: int) -> np.ndarray:
+def unigram_logprobs(tokdir: Path, vocab: int, genre: int | None = None) -> np.ndarray:
+    """Add-one-smoothed unigram log-probabilities of the train tokens (of one genre, if given)."""
     ids = np.fromfile(tokdir / "train.bin", dtype=np.uint16)
+    if genre is not None:
+        ids = ids[np.fromfile(tokdir / "train.genres.bin", dtype=np.uint8) == genre]
     c = np.bincount(ids, minlength=vocab).astype(np.float64) + 1.0
     return np.log(c / c.sum())
 
@@ -146,14 +149,16 @@ def write_card(d: Path, name: str, cfg, res: dict, summary: dict) -> None:
           f"| final validation loss | {summary['final_val_loss']:.3f} nats/token (fixed 4 x 16 x 256-token windows) |", ""]
     L += ["## Validation perplexity per genre", "",
           f"Token-level perplexity on non-overlapping {SEQ}-token windows of the validation split (up to "
-          f"{res['max_windows']} windows per genre; float16 weights computed in float32). The unigram baseline "
-          "uses add-one-smoothed token frequencies of the train split on the same tokens.", "",
-          "| genre | tokens | model ppl | unigram ppl |", "|---|---:|---:|---:|"]
+          f"{res['max_windows']} windows per genre; float16 weights computed in float32). The unigram baselines "
+          "use add-one-smoothed token frequencies of the whole train split, or of the train documents of "
+          "that genre (an oracle that knows the genre), on the same tokens.", "",
+          "| genre | tokens | model ppl | unigram ppl | genre-unigram ppl |", "|---|---:|---:|---:|---:|"]
     for g in GENRES:
         r = res["per_genre"][g]
-        L.append(f"| {g} | {r['tokens']:,} | {r['ppl']:.2f} | {r['unigram_ppl']:.1f} |")
+        L.append(f"| {g} | {r['tokens']:,} | {r['ppl']:.2f} | {r['unigram_ppl']:.1f} | {r['genre_unigram_ppl']:.1f} |")
     a = res["all_genres"]
-    L.append(f"| all (token-weighted) | {a['tokens']:,} | {a['ppl']:.2f} | {a['unigram_ppl']:.1f} |")
+    L.append(f"| all (token-weighted) | {a['tokens']:,} | {a['ppl']:.2f} | {a['unigram_ppl']:.1f} | "
+             f"{a['genre_unigram_ppl']:.1f} |")
     L += ["", f"`actlab.evals.perplexity` on the shipped `datasets/genres/neutral.txt` (500 mixed-genre "
               f"passages): **{res['neutral']['ppl_all']:.2f}** (first 100 passages: {res['neutral']['ppl_first100']:.2f}).", ""]
     L += ["## Sample generations", "",
@@ -211,18 +216,23 @@ def evaluate(name: str, args) -> dict:
     tokdir = REPO / "work-data" / "tokens"
     uni = unigram_logprobs(tokdir, model.config.vocab_size)
     res: dict = {"model": name, "max_windows": args.max_windows, "per_genre": {}}
-    tot = {"nll": 0.0, "uni": 0.0, "n": 0}
+    tot = {"nll": 0.0, "uni": 0.0, "unig": 0.0, "n": 0}
     for g, w in genre_windows(tokdir, "validation", args.max_windows).items():
         ppl, n = window_ppl(model, w)
         tgt = w[:, 1:].reshape(-1)
         u = float(-uni[tgt].mean())
-        res["per_genre"][g] = {"tokens": n, "ppl": round(ppl, 3), "unigram_ppl": round(math.exp(u), 2)}
+        ug = float(-unigram_logprobs(tokdir, model.config.vocab_size, GENRES.index(g))[tgt].mean())
+        res["per_genre"][g] = {"tokens": n, "ppl": round(ppl, 3), "unigram_ppl": round(math.exp(u), 2),
+                               "genre_unigram_ppl": round(math.exp(ug), 2)}
+        tot["unig"] += ug * n
         tot["nll"] += math.log(ppl) * n
         tot["uni"] += u * n
         tot["n"] += n
-        print(f"[eval] {name} {g}: ppl {ppl:.2f} (unigram {math.exp(u):.1f}) on {n} tokens", flush=True)
+        print(f"[eval] {name} {g}: ppl {ppl:.2f} (unigram {math.exp(u):.1f}, genre unigram "
+              f"{math.exp(ug):.1f}) on {n} tokens", flush=True)
     res["all_genres"] = {"tokens": tot["n"], "ppl": round(math.exp(tot["nll"] / tot["n"]), 3),
-                         "unigram_ppl": round(math.exp(tot["uni"] / tot["n"]), 2)}
+                         "unigram_ppl": round(math.exp(tot["uni"] / tot["n"]), 2),
+                         "genre_unigram_ppl": round(math.exp(tot["unig"] / tot["n"]), 2)}
     neutral = [ln for ln in (GENRE_DIR / "neutral.txt").read_text().splitlines() if ln.strip()]
     # as the tests do it: the model as AutoModelForCausalLM.from_pretrained loads it (float16 weights)
     m_default = AutoModelForCausalLM.from_pretrained(d)

@@ -89,7 +89,7 @@ def test_fit_affine_ridge_only_when_ill_conditioned():
 
 def test_linear_replacement_makes_block_exactly_linear():
     model = make_model("llama")
-    texts = random_texts(40)
+    texts = random_texts(30)
     g = torch.Generator().manual_seed(0)
     w = torch.randn(model.d_model, model.d_model, generator=g) / model.d_model ** 0.5
     b = torch.randn(model.d_model, generator=g)

@@ -114,7 +114,7 @@ def test_redundancy_on_encoder_runs_without_dropping():
 
 # ------------------------------------------------------------------------------------------- readout
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "opt"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "opt", "gemma2"])
 def test_readout_ranks_planted_token_first(arch):
     hf = copy.deepcopy(tiny_hf_model(arch))
     model = actlab.load(hf, tokenizer=TextTokenizer())

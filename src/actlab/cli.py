@@ -191,6 +191,40 @@ def stats(
     console.print(f"[green]wrote[/] {out}")
 
 
+@app.command()
+@friendly
+def profile(
+    model: str = typer.Argument("demo-llama", help=MODEL_HELP),
+    data: Optional[Path] = typer.Option(None, help=DATA_HELP),
+    out: Path = typer.Option(Path("profile"), "--out", "-o", help="Output directory for report.html and profile.json."),
+    eval_data: Optional[Path] = typer.Option(None, help="Held-out texts for the perplexity checks (default: bundled neutral passages)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Stop after this many input tokens."),
+    analyses: str = typer.Option(",".join(("sparsity", "dead", "ppl_sparsity", "massive", "linearity", "lenses", "redundancy", "readout")),
+                                 help="Comma-separated analyses to run."),
+    reservoir: int = typer.Option(4096, help="Tokens kept in the fixed-size sample used by fits (memory bound)."),
+    batch_size: int = typer.Option(8, help="Documents per forward pass."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+):
+    """Per-layer activation profile (sparsity, dead neurons, PPL-p%, massive activations, linearity, lenses,
+    redundancy, neuron readout) written as report.html + profile.json."""
+    from actlab.analyses.profile import run_profile
+    from actlab.io import read_documents
+
+    m = _load(model, device, dtype)
+    docs = _documents(data, m, max_tokens) if (data is not None or max_tokens is not None) else None
+    eval_texts = list(read_documents(eval_data)) if eval_data is not None else None
+    run = run_profile(m, docs, eval_texts=eval_texts, out_dir=out, analyses=[a.strip() for a in analyses.split(",") if a.strip()],
+                      reservoir_size=reservoir, batch_size=batch_size, progress=True)
+    table = Table(title=f"profile of {m.name} ({run.meta['n_tokens']:,} tokens, {run.seconds:.0f} s)")
+    table.add_column("analysis")
+    table.add_column("headline")
+    for r in run.results:
+        table.add_row(r.title, r.headline())
+    console.print(table)
+    console.print(f"[green]report:[/] {run.report_path.resolve()}")
+
+
 @store_app.command("info")
 @friendly
 def store_info(path: Path = typer.Argument(..., help="Store directory.")):

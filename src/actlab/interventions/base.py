@@ -117,7 +117,7 @@ class Intervention:
             model.resolve([self.site])  # raises the unknown-site error
         expected = model.sites[self.site]
         made_for = self.model.get("model_name", "another model")
-        if expected != self.width:
+        if self.width and expected != self.width:  # width 0: not recorded (e.g. a clamp made by hand)
             raise ActlabError(
                 f"this {self.kind} was made for {made_for} ('{self.site}' width {self.width}); "
                 f"{model.name} has width {expected} there. Transfer it with `actlab paste run` instead"
