@@ -7,7 +7,7 @@ For each model in src/actlab/models/zoo/<name>/ (exported by scripts/train_demo_
   split, documents joined by <|endoftext|> exactly as in training), next to a unigram baseline
   (add-one-smoothed token frequencies of the train split) on the same tokens;
 * perplexity on the shipped neutral set (src/actlab/datasets/genres/neutral.txt) with
-  actlab.evals.perplexity (all 500 passages, and the first 100, which the tests recompute);
+  actlab.evals.perplexity (all 500 passages, and the first 100 and first 20, which the tests recompute);
 * three sample generations;
 * the genre-classifier rate of generations prompted with each genre's document openings
   (first 8 tokens of test-split documents; 40 new sampled tokens; the continuation alone is
@@ -239,6 +239,7 @@ def evaluate(name: str, args) -> dict:
     res["neutral"] = {
         "ppl_all": round(perplexity(model, neutral, tokenizer=tok), 3),
         "ppl_first100": round(perplexity(model, neutral[:100], tokenizer=tok), 3),
+        "ppl_first20": round(perplexity(model, neutral[:20], tokenizer=tok), 3),
         "ppl_first100_default_dtype": round(perplexity(m_default, neutral[:100], tokenizer=tok), 3),
         "default_dtype": str(next(m_default.parameters()).dtype),
     }

@@ -189,3 +189,29 @@ def test_training_data_for_genres():
     assert len(adapter_training_data_for_genre("scripture", max_pairs=10)) == 10
     with pytest.raises(ActlabError, match="unknown genre"):
         adapter_training_data_for_genre("poetry")
+
+
+def _demo(name: str):
+    from actlab.models.loading import zoo_models
+
+    if name not in zoo_models():
+        pytest.skip(f"{name} is not in the zoo yet (scripts/train_demo_models.py)")
+    return actlab.load(name)
+
+
+@pytest.mark.slow
+def test_demo_llama_adapter_steers_toward_scripture():
+    from actlab.datasets import genres
+    from actlab.evals.genre import genre_rate
+
+    model = _demo("demo-llama")
+    site = f"resid.{model.n_layers // 2}"
+    adapter = train_adapter(model, adapter_training_data_for_genre("scripture"), site, rank=4, steps=100, lr=1e-2)
+    p = adapter.params
+    assert p["val_loss"] < p["val_loss_before"] and p["n_examples"] == 200
+    prompts = [" ".join(line.split(" ")[:4]) for line in genres.neutral()[:32]]
+    plain = model.generate(prompts, max_new_tokens=24, do_sample=True, seed=0)
+    with model.edit(adapter):
+        steered = model.generate(prompts, max_new_tokens=24, do_sample=True, seed=0)
+    before, after = genre_rate(plain, "scripture"), genre_rate(steered, "scripture")
+    assert after >= before + 0.25, (before, after)  # measured: 0.34 -> 0.88

@@ -240,3 +240,28 @@ def test_bad_input_raises_clear_errors():
         fit_affine_to_targets(model, [], {"resid.0": torch.zeros(4, 32)})
     with pytest.raises(ActlabError, match="targets"):
         fit_affine_to_targets(model, ["abc"], {"resid.0": torch.zeros(4, 7)})
+
+
+@pytest.mark.slow
+def test_demo_llama_joint_affine_steers_toward_scripture():
+    import actlab
+    from actlab.datasets import genres
+    from actlab.evals.genre import genre_rate
+    from actlab.models.loading import zoo_models
+
+    if "demo-llama" not in zoo_models():
+        pytest.skip("demo-llama is not in the zoo yet (scripts/train_demo_models.py)")
+    model = actlab.load("demo-llama")
+    rows = genres.contrast_pairs("scripture")[:32]
+    contrast = ContrastSet([r["pos"] for r in rows], [r["neg"] for r in rows], [r["prompt"] for r in rows])
+    sites = [f"resid.{i}" for i in range(1, model.n_layers)]
+    comp = fit_affine(model, contrast, sites, steps=150)
+    p = comp.items[0].params
+    assert all(p["w1_after"][s] < 0.5 * p["w1_before"][s] for s in sites)
+    assert p["val_loss"] < p["val_loss_before"]
+    prompts = [" ".join(line.split(" ")[:4]) for line in genres.neutral()[:32]]
+    plain = model.generate(prompts, max_new_tokens=24, do_sample=True, seed=0)
+    with model.edit(comp):
+        steered = model.generate(prompts, max_new_tokens=24, do_sample=True, seed=0)
+    before, after = genre_rate(plain, "scripture"), genre_rate(steered, "scripture")
+    assert after >= before + 0.25, (before, after)  # measured: 0.34 -> 0.81

@@ -103,21 +103,36 @@ def test_forward_and_greedy_generation(name):
     assert torch.equal(g1, g2)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_perplexity_matches_model_card(name):
-    """Perplexity of the first 100 shipped neutral passages, as loaded by from_pretrained (float16),
-    within 3% of the number evaluate_demo_models.py recorded, and far below the unigram baseline."""
+def _neutral_ppl(name: str, n: int) -> tuple[float, dict]:
+    """Perplexity of the first n shipped neutral passages, with the float16 weights upcast to float32
+    as evaluate_demo_models.py computes it (float16 matmuls are slow on CPU)."""
     from actlab.evals import perplexity
 
-    tok, model = load(name)
+    tok, _ = load(name)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir(name)), dtype=torch.float32)
     res = json.loads((model_dir(name) / "eval_results.json").read_text())
-    texts = [ln for ln in NEUTRAL.read_text(encoding="utf-8").splitlines() if ln.strip()][:100]
-    ppl = perplexity(model, texts, tokenizer=tok)
-    ref = res["neutral"]["ppl_first100_default_dtype"]
+    texts = [ln for ln in NEUTRAL.read_text(encoding="utf-8").splitlines() if ln.strip()][:n]
+    return perplexity(model, texts, tokenizer=tok), res
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_perplexity_matches_model_card(name):
+    """Within 3% of the recorded number (CPU kernels may differ slightly across machines), and far
+    below the unigram baseline."""
+    ppl, res = _neutral_ppl(name, 20)
+    ref = res["neutral"]["ppl_first20"]
     assert abs(ppl - ref) / ref < 0.03, (ppl, ref)
     assert ppl < 0.5 * res["all_genres"]["unigram_ppl"]
     card = (model_dir(name) / "README.md").read_text()
     assert f"{res['neutral']['ppl_all']:.2f}" in card
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_perplexity_matches_model_card_100_passages(name):
+    ppl, res = _neutral_ppl(name, 100)
+    ref = res["neutral"]["ppl_first100"]
+    assert abs(ppl - ref) / ref < 0.03, (ppl, ref)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -48,7 +48,7 @@ Example = tuple[list[int], list[int]]  # (prompt ids — no loss, target ids —
 
 # ------------------------------------------------------------------------------------ data
 def _as_pairs_or_texts(data) -> tuple[str, list]:
-    if isinstance(data, (str, bytes)) or not isinstance(data, Sequence) and not hasattr(data, "__iter__"):
+    if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
         raise ActlabError("data must be a list of texts or a list of (prompt, completion) pairs")
     items = list(data)
     if not items:
@@ -78,7 +78,8 @@ def encode_lm_data(model, data, *, max_tokens: int = 128) -> tuple[str, list[Exa
         if kind == "texts":
             ids = list(tok([item], add_special_tokens=True)["input_ids"][0])[: min(max_tokens, limit)]
             if len(ids) < 2:
-                raise ActlabError(f"training text {i} has {len(ids)} token(s); the loss needs at least 2: {item[:40]!r}")
+                raise ActlabError(f"training text {i} has {len(ids)} token(s); the loss needs at least 2: "
+                                  f"{item[:40]!r}")
             out.append(([], ids))
         else:
             prompt, completion = item
@@ -199,7 +200,9 @@ def train_adapter(
 ) -> LowRankAdapter:
     """Train a rank-``rank`` LoReFT adapter at ``site`` on texts or (prompt, completion) pairs.
 
-    Returns the adapter with the lowest held-out loss; ``params`` records ``rank``, ``steps_run``,
+    ``eval_every`` defaults to ``steps // 20`` (1 to 25); ``patience`` counts evaluations without
+    improvement (0 disables early stopping); ``val_fraction`` 0 trains on everything and keeps the
+    last adapter. Returns the adapter with the lowest held-out loss; ``params`` records ``rank``, ``steps_run``,
     ``best_step``, ``val_loss`` (best), ``val_loss_before`` (the model without adapter),
     ``train_seconds``, ``n_examples`` (and the train / held-out split), ``data`` ("texts" or
     "pairs") and the optimiser settings.

@@ -16,7 +16,7 @@ Recipe:
    (the bias is learnt in units of the site's target scale, so one learning rate suits models whose
    activations differ in size); the model's weights are frozen for the duration of the fit and
    their ``requires_grad`` flags restored afterwards. Adam with a cosine decay to ``lr / 10``.
-3. Every step runs the model on a batch of source texts with *all* maps applied through
+3. Every step runs the model on ``batch_size`` random source texts with *all* maps applied through
    ``model.edit``; grad-keeping readers take each site's edited activations (the forward stops
    after the last site). The loss is the sum over sites of a per-dimension distributional
    distance, divided by the site's typical target standard deviation so sites of different scale
@@ -32,7 +32,7 @@ Recipe:
    bias in units of the site's target scale, the sum divided by the width like the loss is
    averaged over dimensions, so ``l1`` means the same for every model: a dimension's parameter is
    worth keeping when it lowers that dimension's distance, in target-scale units, by more than
-   ``l1`` times its size; with the Wasserstein loss ``l1 >= 1`` zeroes everything, 0.1-0.5 is the
+   ``l1`` times its size; with the Wasserstein loss ``l1`` near 1 zeroes everything, 0.1-0.5 is the
    useful range). It is applied as the proximal step in Adam's diagonal metric (soft-thresholding
    by ``lr * l1 / width / (sqrt(v̂) + eps)``) after every Adam step, which gives exact zeros rather
    than parameters jittering around zero; ``params["zero_fraction"]`` reports them.
@@ -286,7 +286,8 @@ def fit_affine(
 
     if contrast.paired:
         train_i, val_i = split(len(src))
-        src_train, src_val, tgt_train, tgt_val = src.subset(train_i), src.subset(val_i), tgt.subset(train_i), tgt.subset(val_i)
+        src_train, src_val = src.subset(train_i), src.subset(val_i)
+        tgt_train, tgt_val = tgt.subset(train_i), tgt.subset(val_i)
     else:
         s_tr, s_va = split(len(src))
         t_tr, t_va = split(len(tgt))
@@ -400,7 +401,8 @@ def _fit(model, names, src_train: EncodedTexts, src_val: EncodedTexts | None, ta
     opt = torch.optim.Adam(leaves, lr=lr)
     beta2, eps = opt.defaults["betas"][1], opt.defaults["eps"]
     # cosine decay to lr / 10 over the requested steps: large moves first, a precise finish
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.1 + 0.45 * (1 + math.cos(math.pi * min(k, steps) / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: 0.1 + 0.45 * (1 + math.cos(math.pi * min(k, steps) / steps)))
 
     def sync() -> None:
         """Point the maps' biases at the current (graph-connected when grad is on) scaled leaves."""
@@ -509,9 +511,11 @@ def _fit(model, names, src_train: EncodedTexts, src_val: EncodedTexts | None, ta
         "n_source_train": n_train, "n_source_val": len(src_val) if src_val is not None else 0,
         "zero_fraction": n_zero / max(1, n_params), "seconds": time.perf_counter() - start_time,
     }
+    def own(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().float().cpu().clone(memory_format=torch.contiguous_format)
+
     out = []
     for m in maps:
-        own = lambda t: None if t is None else t.detach().float().cpu().clone(memory_format=torch.contiguous_format)  # noqa: E731
         out.append(AffineMap(site=m.site, bias=own(m.bias), diag=own(m.diag), U=own(m.U), V=own(m.V),
                              positions=positions, model=identity, params=copy.deepcopy(params)))
     return Composition(out)

@@ -214,7 +214,7 @@ def load_interventions(path: str | Path, model=None) -> Intervention | Compositi
         cls = _REGISTRY.get(header["kind"])
         if cls is None:
             raise ActlabError(f"'{path}' holds an intervention of unknown kind {header['kind']!r}; upgrade actlab")
-        own = {name: tensors[f"{i}/{name}"] for name in cls.tensor_names if f"{i}/{name}" in tensors}
+        own = {name: tensors[f"{i}/{name}"].clone() for name in cls.tensor_names if f"{i}/{name}" in tensors}
         items.append(cls(site=header["site"], coef=header["coef"], positions=header["positions"],
                          model=header["model"], params=header["params"], **own))
     result: Intervention | Composition = items[0] if len(items) == 1 else Composition(items)

@@ -26,7 +26,7 @@ among layers whose neutral perplexity stays within ``max_ppl_ratio`` (2×) of th
 model's (ties: the lower perplexity). Coefficients are in units of each layer's own fitted
 vector (mean difference), so every layer is pushed by the size of its own contrast.
 
-Run ``python -m actlab.interventions.evaluate demo-llama --genre scripture`` for the whole
+Run ``python -m actlab.interventions.evaluate demo-llama --genre techdoc`` for the whole
 evaluation on a demo model.
 """
 
@@ -51,7 +51,8 @@ from actlab.interventions.contrast import ContrastSet
 from actlab.interventions.fit import fit_steering, random_like
 from actlab.interventions.types import SteeringVector
 
-DEFAULT_COEFS = (-4.0, 0.0, 2.0, 4.0, 8.0, 12.0)
+DEFAULT_COEFS = (-2.0, -1.0, 0.0, 0.5, 1.0, 2.0, 4.0)
+DEFAULT_SWEEP_COEF = 1.0
 DEFAULT_PROMPTS = 16
 DEFAULT_NEW_TOKENS = 24
 DEFAULT_NEUTRAL = 32
@@ -417,14 +418,20 @@ class _Scorer:
         return perplexity(self.model, self.neutral, batch_size=self.ppl_batch)
 
     def score(self, edit, coef: float) -> Point:
-        with self.model.edit(edit) if edit is not None else nullcontext():
-            texts = self.continuations()
-            ppl = self.perplexity()
+        """Score one edit (None: the unedited model), or pool a list of edits (the random controls:
+        their continuations are scored together, their perplexities averaged geometrically)."""
+        edits = edit if isinstance(edit, list) else [edit]
+        texts: list[str] = []
+        log_ppl = []
+        for e in edits:
+            with self.model.edit(e) if e is not None else nullcontext():
+                texts += self.continuations()
+                log_ppl.append(math.log(self.perplexity()))
         pred = self.classifier.predict(texts)
         rate = float(np.mean([p == self.target_genre for p in pred]))
         se = math.sqrt(rate * (1 - rate) / len(texts))
-        return Point(coef=float(coef), rate=rate, rate_se=se, perplexity=float(ppl), n=len(texts),
-                     samples=texts[:_SAMPLES_KEPT])
+        return Point(coef=float(coef), rate=rate, rate_se=se, perplexity=math.exp(float(np.mean(log_ppl))),
+                     n=len(texts), samples=texts[:_SAMPLES_KEPT])
 
 
 def _is_additive(intervention) -> bool:
@@ -452,6 +459,23 @@ def _random_control(intervention, seed: int):
     return controls[0] if len(controls) == 1 else Composition(controls)
 
 
+def _random_controls(intervention, seed: int, n: int) -> list:
+    """``n`` independent random directions, each with the norm of ``intervention``'s vector(s)."""
+    if n < 1:
+        raise ActlabError(f"n_random must be at least 1, not {n}")
+    return [_random_control(intervention, seed + 7919 * (j + 1)) for j in range(n)]
+
+
+class _Pooled(list):
+    """Several interventions scored as one point (their continuations pooled)."""
+
+    def __mul__(self, coef: float) -> "_Pooled":
+        return _Pooled(item * coef for item in self)
+
+    def edits(self) -> list:
+        return [e for item in self for e in item.edits()]
+
+
 def _check_coefs(coefs) -> list[float]:
     values = sorted({float(c) for c in coefs})
     if not values:
@@ -477,6 +501,7 @@ def dose_response(
     seed: int = 0,
     include_random: bool = True,
     random_of: str | None = None,
+    n_random: int = 3,
     do_sample: bool = True,
     temperature: float = 1.0,
     batch_size: int = 16,
@@ -487,9 +512,10 @@ def dose_response(
 
     ``make_intervention`` maps a method name to its intervention at coefficient 1; each is applied
     as ``intervention * coef``. Coefficient 0 (added when missing) is one unedited run shared by
-    all additive interventions. With ``include_random``, a random direction with the norm of the
-    ``random_of`` steering vector (default: the first steering-vector method) runs through the
-    same grid as ``"random"``.
+    all additive interventions. With ``include_random``, ``n_random`` random directions with the
+    norm of the ``random_of`` steering vector (default: the first steering-vector method) run
+    through the same grid as ``"random"``; their continuations are pooled into one rate per
+    coefficient, so the control is not the accident of one direction.
     """
     if not make_intervention:
         raise ActlabError("no interventions given: pass {method name: intervention at coefficient 1}")
@@ -508,8 +534,9 @@ def dose_response(
         if source is not None:
             if source not in candidates:
                 raise ActlabError(f"random_of={source!r} is not one of the steering-vector methods {candidates}")
-            jobs[RANDOM] = (_random_control(make_intervention[source], seed), source)
+            jobs[RANDOM] = (_Pooled(_random_controls(make_intervention[source], seed, n_random)), source)
     n_points = 1 + sum(len([c for c in grid if c != 0 or not _is_additive(item)]) for item, _ in jobs.values())
+    # (a pooled random control counts as one point per coefficient)
     start = time.perf_counter()
     curves: dict[str, Curve] = {}
     with progress_bar(f"dose-response ({target_genre})", n_points, unit="points", enabled=progress) as bar:
@@ -524,8 +551,10 @@ def dose_response(
                 points.append(scorer.score(item * c, c))
                 bar.advance()
             kind = getattr(item, "kind", None) or "+".join(sorted({i.kind for i in item.edits()}))
-            curves[name] = Curve(method=name, kind=kind, points=points, norm=_norm(item), control_of=control_of)
+            norm = _norm(item[0]) if isinstance(item, _Pooled) else _norm(item)
+            curves[name] = Curve(method=name, kind=kind, points=points, norm=norm, control_of=control_of)
     settings = scorer.settings() | {"seconds": time.perf_counter() - start, "samples_per_prompt": samples_per_prompt,
+                                    "n_random": n_random if RANDOM in jobs else 0,
                                     "sites": {n: sorted({e.site for e in i.edits()}) for n, (i, _) in jobs.items()}}
     return DoseResponse(model=model.name, target_genre=target_genre, coefs=grid, baseline=baseline, curves=curves,
                         settings=settings)
@@ -538,7 +567,7 @@ def layer_sweep(
     sites: str | Sequence[str] = "resid.*",
     *,
     method: str = "mean-diff",
-    coef: float = 8.0,
+    coef: float = DEFAULT_SWEEP_COEF,
     target_genre: str,
     prompts: Sequence[str],
     neutral_texts: Sequence[str],
@@ -596,7 +625,7 @@ class GenreSetup:
     neutral_texts: list[str]  # held-out mixed-genre texts for the perplexity cost
 
 
-def genre_setup(target_genre: str = "scripture", *, n_fit: int = DEFAULT_FIT_PAIRS, n_prompts: int = DEFAULT_PROMPTS,
+def genre_setup(target_genre: str = "techdoc", *, n_fit: int = DEFAULT_FIT_PAIRS, n_prompts: int = DEFAULT_PROMPTS,
                 n_neutral: int = DEFAULT_NEUTRAL, neutral_tokens: int | None = None) -> GenreSetup:
     """Fit on the first ``n_fit`` contrast pairs toward ``target_genre``; continue the (distinct)
     prompts of the remaining pairs — two or three words that start a sentence in the target genre
@@ -680,12 +709,12 @@ class GenreEvaluation:
 
 def evaluate_genre(
     model,
-    target_genre: str = "scripture",
+    target_genre: str = "techdoc",
     *,
     site: str | None = None,
     methods: Sequence[str] = ("mean-diff", "pca", "dims", "affine", "adapter"),
     coefs: Sequence[float] = DEFAULT_COEFS,
-    sweep_coef: float = 8.0,
+    sweep_coef: float = DEFAULT_SWEEP_COEF,
     n_fit: int = DEFAULT_FIT_PAIRS,
     n_prompts: int = DEFAULT_PROMPTS,
     max_new_tokens: int = DEFAULT_NEW_TOKENS,
@@ -719,11 +748,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m actlab.interventions.evaluate",
                                      description="Genre-steering evaluation of a demo model (layer sweep + dose-response).")
     parser.add_argument("model", nargs="?", default="demo-llama")
-    parser.add_argument("--genre", default="scripture")
+    parser.add_argument("--genre", default="techdoc")
     parser.add_argument("--site", default=None, help="skip the layer sweep and use this site")
     parser.add_argument("--methods", default="mean-diff,pca,dims,affine,adapter")
     parser.add_argument("--coefs", default=",".join(f"{c:g}" for c in DEFAULT_COEFS))
-    parser.add_argument("--sweep-coef", type=float, default=8.0)
+    parser.add_argument("--sweep-coef", type=float, default=DEFAULT_SWEEP_COEF)
     parser.add_argument("--prompts", type=int, default=DEFAULT_PROMPTS)
     parser.add_argument("--tokens", type=int, default=DEFAULT_NEW_TOKENS)
     parser.add_argument("--neutral", type=int, default=DEFAULT_NEUTRAL)
