@@ -35,8 +35,21 @@ _CACHE: dict = {}
 def load(name: str):
     if name not in _CACHE:
         d = model_dir(name)
-        _CACHE[name] = (AutoTokenizer.from_pretrained(str(d)), AutoModelForCausalLM.from_pretrained(str(d)).eval())
+        # float32: float16 matmuls are slow on CPU (the default-dtype load is tested on its own below)
+        model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+        _CACHE[name] = (AutoTokenizer.from_pretrained(str(d)), model)
     return _CACHE[name]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_default_load_is_float16_and_runs(name):
+    d = str(model_dir(name))
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d)
+    assert next(model.parameters()).dtype == torch.float16
+    ids = tok(["In the beginning"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
 def test_zoo_files_and_size():

@@ -23,6 +23,10 @@ app = typer.Typer(
 )
 store_app = typer.Typer(help="Inspect and check on-disk activation stores.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
+steer_app = typer.Typer(help="Fit and evaluate steering interventions.", no_args_is_help=True)
+app.add_typer(steer_app, name="steer")
+adapter_app = typer.Typer(help="Train low-rank residual adapters (ReFT-like).", no_args_is_help=True)
+app.add_typer(adapter_app, name="adapter")
 paste_app = typer.Typer(help="Command-V: paste an intervention from a donor model into a recipient.", no_args_is_help=True)
 app.add_typer(paste_app, name="paste")
 console = Console()
@@ -250,6 +254,82 @@ def store_verify(path: Path = typer.Argument(..., help="Store directory.")):
             err_console.print(f"[red]✗[/] {problem}")
         raise typer.Exit(1)
     console.print(f"[green]✓[/] {path}: every shard matches its checksum")
+
+
+@steer_app.command("fit")
+@friendly
+def steer_fit(
+    model: str = typer.Argument("demo-llama", help=MODEL_HELP),
+    pos: Path = typer.Option(..., help="Positive examples: a text file, or a JSONL of pairs with prompt/pos/neg (then omit --neg)."),
+    neg: Optional[Path] = typer.Option(None, help="Negative examples (text file)."),
+    site: str = typer.Option("resid.2", help="Site(s); several (e.g. resid.*) fits a vector per layer, or one joint affine map."),
+    method: str = typer.Option("mean-diff", help="mean-diff (CAA), pca, dims (top-m dimensions) or affine (LinEAS-style)."),
+    aggregate: str = typer.Option("mean", help="Per-example activation: mean over the example's tokens, or last token."),
+    dims: Optional[int] = typer.Option(None, help="Dimensions kept by --method dims (default d_model/16)."),
+    positions: str = typer.Option("all", help="Where the result acts when applied: all, prompt or generated."),
+    out: Path = typer.Option(Path("steer.safetensors"), "--out", "-o", help="Intervention file to write."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+):
+    """Fit a steering intervention from contrast sets and save it (safetensors + JSON header)."""
+    from actlab.interventions.contrast import read_contrast
+    from actlab.interventions.fit import fit_steering
+
+    m = _load(model, device, dtype)
+    contrast = read_contrast(pos, neg)
+    if method == "affine":
+        from actlab.interventions.affine_fit import fit_affine
+
+        result = fit_affine(m, contrast, site, positions=positions, progress=True)
+        result.save(out)
+        console.print(f"[green]wrote[/] {out}: affine maps at {', '.join(i.site for i in result)}")
+        return
+    vectors = fit_steering(m, contrast, site, method=method, aggregate=aggregate, dims=dims, positions=positions)
+    table = Table(title=f"{method} vectors from {len(contrast.pos)} positive / {len(contrast.neg)} negative examples")
+    for col in ("site", "norm", "|mean diff|", "mean |h|", "file"):
+        table.add_column(col, justify="right")
+    for name, vec in vectors.items():
+        path = out if len(vectors) == 1 else out.with_name(f"{out.stem}.{name}{out.suffix}")
+        vec.save(path)
+        table.add_row(name, f"{vec.vector.norm():.3f}", f"{vec.params['mean_diff_norm']:.3f}", f"{vec.params['resid_norm']:.3f}", str(path))
+    console.print(table)
+    if len(vectors) > 1:
+        console.print("compare the layers with `actlab steer eval` (it sweeps layers and draws dose-response curves)")
+
+
+@adapter_app.command("train")
+@friendly
+def adapter_train(
+    model: str = typer.Argument("demo-llama", help=MODEL_HELP),
+    data: Path = typer.Option(..., help="Training texts (.txt/.jsonl 'text'), or JSONL pairs with 'prompt' and 'completion'."),
+    site: str = typer.Option("resid.2", help="Residual site the adapter acts on."),
+    rank: int = typer.Option(4, help="Adapter rank r."),
+    steps: int = typer.Option(200, help="Maximum optimisation steps (early stopping on a validation split)."),
+    lr: float = typer.Option(1e-2, help="Learning rate."),
+    out: Path = typer.Option(Path("adapter.safetensors"), "--out", "-o", help="Adapter file to write."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+):
+    """Train a low-rank residual adapter (h ← h + Rᵀ(Wh + b − Rh)) by backprop on a small dataset."""
+    import json as _json
+
+    from actlab.interventions.adapter_train import train_adapter
+    from actlab.io import read_documents
+
+    m = _load(model, device, dtype)
+    examples: list = []
+    if data.suffix == ".jsonl" and "completion" in data.read_text(encoding="utf-8").split("\n", 1)[0]:
+        for line in data.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = _json.loads(line)
+                examples.append((row.get("prompt", ""), row["completion"]))
+    else:
+        examples = list(read_documents(data))
+    adapter = train_adapter(m, examples, site, rank=rank, steps=steps, lr=lr, progress=True)
+    adapter.save(out)
+    p = adapter.params
+    console.print(f"[green]wrote[/] {out}: rank {rank} at {site}; validation loss {p.get('val_loss_before', float('nan')):.3f} → "
+                  f"{p.get('val_loss', float('nan')):.3f} in {p.get('steps_run')} steps ({p.get('train_seconds', 0):.1f} s)")
 
 
 def _prompts(path: Optional[Path]) -> list[str]:
