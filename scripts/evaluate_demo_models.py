@@ -145,7 +145,7 @@ def write_card(d: Path, name: str, cfg, res: dict, summary: dict) -> None:
           f"| learning rate | peak {summary['peak_lr']}, {summary['schedule']} |",
           f"| seed / threads | {summary['seed']} / {summary['threads']} (CPU, torch {summary['torch']}) |",
           f"| training time | {summary['training_seconds'] / 60:.1f} min wall-clock on one CPU thread "
-          f"(2-core machine shared with the other model's run) |",
+          f"(2-core machine shared with the other model's run and other work) |",
           f"| final validation loss | {summary['final_val_loss']:.3f} nats/token (fixed 4 x 16 x 256-token windows) |", ""]
     L += ["## Validation perplexity per genre", "",
           f"Token-level perplexity on non-overlapping {SEQ}-token windows of the validation split (up to "
