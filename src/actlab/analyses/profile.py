@@ -101,10 +101,12 @@ def run_profile(
         "redundancy": lambda: module_redundancy(model, data, eval_texts),
         "readout": lambda: neuron_readout(model),
     }
-    results = []
+    results, timings = [], {"collect": round(time.perf_counter() - start, 2)}
     with progress_bar("analyses", len(analyses), unit="analyses", enabled=progress) as bar:
         for key in analyses:
+            t0 = time.perf_counter()
             results.append(steps[key]())
+            timings[key] = round(time.perf_counter() - t0, 2)
             bar.advance(1)
     meta = {
         "model": model.identity(),
@@ -113,6 +115,7 @@ def run_profile(
         "n_eval_texts": len(eval_texts),
         "reservoir_size": len(data.samples),
         "seconds": round(time.perf_counter() - start, 2),
+        "timings": timings,
     }
     run = ProfileRun(results=results, data=data, out_dir=Path(out_dir) if out_dir else None,
                      seconds=time.perf_counter() - start, meta=meta)
