@@ -1,11 +1,13 @@
 """Steering overhead: ``generate`` with a steering vector against plain generation, same tokens.
 
-    .venv/bin/python benchmarks/steer_overhead.py [--model random|demo-llama] [--repeats 7] [--threads 1]
+    .venv/bin/python benchmarks/steer_overhead.py [--model random|demo-llama] [--repeats 11] [--threads 1]
 
 Greedy decoding of a batch of 4 prompts (32 random token ids each) for 64 new tokens, the end-of-
 text token disabled so every variant generates exactly the same number of tokens; the vector is
 small enough that the tokens are identical too (checked and printed). Variants, interleaved in
-every repeat so load drift on a shared machine hits them alike; each time is the median:
+every repeat so load drift on a shared machine hits them alike. Printed: the ratio of medians, the
+median of per-repeat ratios (adjacent runs), and the ratio of minima (the least disturbed runs,
+the most stable figure on a loaded machine):
 
 * ``hf``: the HF model's own ``generate`` (no actlab hooks);
 * ``actlab``: ``Model.generate`` with no edit;
@@ -57,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="random", help="'random' (a ~10M Llama) or a model name, e.g. demo-llama")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -126,6 +128,9 @@ def main() -> None:
           f"{statistics.median(a / b for a, b in zip(times['steered'], times['actlab'])):.3f}")
     spread = {name: (min(t), max(t)) for name, t in times.items()}
     print("min/max s: " + ", ".join(f"{n} {lo:.3f}/{hi:.3f}" for n, (lo, hi) in spread.items()))
+    print(f"ratio of minima (least disturbed runs): actlab {spread['actlab'][0] / spread['hf'][0]:.3f}, "
+          f"steered {spread['steered'][0] / spread['hf'][0]:.3f}; steered/actlab "
+          f"{spread['steered'][0] / spread['actlab'][0]:.3f}")
     if not args.no_peers:
         peers(config, ids, direction * coef, layer, args)
 
@@ -190,6 +195,7 @@ for _ in range(spec["repeats"]):
         t = time.perf_counter(); fn(); times[n].append(time.perf_counter() - t)
 result["median"] = {n: statistics.median(t) for n, t in times.items()}
 result["paired"] = {n: statistics.median(a / b for a, b in zip(times[n], times["hf"])) for n in times}
+result["min"] = {n: min(t) for n, t in times.items()}
 print("RESULT " + json.dumps(result))
 '''
 
@@ -221,7 +227,8 @@ def peers(config: dict, ids: torch.Tensor, vector: torch.Tensor, layer: int, arg
         if name in med:
             same = "identical tokens" if result["same_tokens"].get(name) else "DIFFERENT tokens"
             print(f"  {name + ' + vector':<32}{med[name]:>10.3f}{med[name] / med['hf']:>9.3f}   ({same}; "
-                  f"median per-repeat ratio {result['paired'][name]:.3f})")
+                  f"median per-repeat ratio {result['paired'][name]:.3f}; "
+                  f"ratio of minima {result['min'][name] / result['min']['hf']:.3f})")
         else:
             print(f"  {name}: not measured: {result['not_measured'].get(name, 'unknown reason')}")
 

@@ -199,8 +199,6 @@ def test_clamp_sets_exact_values(llama):
                                                          params={"site_width": 48}))
 
 
-@pytest.mark.xfail(strict=True, reason="NeuronClamp without site_width has width 0, so check_model refuses it "
-                                       "(types.py: check_model should skip the width check when site_width is 0)")
 def test_clamp_without_site_width_applies(llama):
     clamp = NeuronClamp(site="mlp.hidden.1", neurons=[1], values=[4.0])
     c, _ = captured(llama, "mlp.hidden.1", "clamp", clamp)

@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterable
 
 import torch
-from safetensors import SafetensorError as SafeTensorError
-from safetensors.torch import load_file, save_file
 
 from actlab.engine.edits import POSITION_MODES, check_finite, column_mask
 from actlab.engine.hooks import ForwardState
 from actlab.errors import ActlabError
+from actlab.files import load_tensors, save_tensors
 
 FORMAT = "actlab.intervention"
 FORMAT_VERSION = 1
@@ -179,42 +178,24 @@ class Composition:
 
 def save_interventions(items: list[Intervention], path: str | Path) -> Path:
     """Write interventions to one safetensors file; tensors are keyed ``{index}/{name}``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     headers = []
     for i, item in enumerate(items):
         headers.append(item.header())
         for name, tensor in item.tensors().items():
             tensors[f"{i}/{name}"] = tensor
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "interventions": json.dumps(headers)}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
-    return path
+    return save_tensors(path, tensors, FORMAT, {"format_version": str(FORMAT_VERSION), "interventions": json.dumps(headers)})
 
 
 def load_interventions(path: str | Path, model=None) -> Intervention | Composition:
     """Read an intervention file; with ``model``, refuse one made for a different model."""
-    path = Path(path)
-    if not path.is_file():
-        raise ActlabError(f"intervention file '{path}' does not exist")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafeTensorError, OSError, ValueError) as exc:
-        raise ActlabError(f"'{path}' is not a readable safetensors file ({exc}); was it written by actlab?") from None
-    if metadata.get("format") != FORMAT:
-        raise ActlabError(f"'{path}' is not an actlab intervention file (format: {metadata.get('format')!r})")
+    tensors, metadata = load_tensors(path, FORMAT, "intervention")
     items = []
     for i, header in enumerate(json.loads(metadata["interventions"])):
         cls = _REGISTRY.get(header["kind"])
         if cls is None:
             raise ActlabError(f"'{path}' holds an intervention of unknown kind {header['kind']!r}; upgrade actlab")
-        own = {name: tensors[f"{i}/{name}"].clone() for name in cls.tensor_names if f"{i}/{name}" in tensors}
+        own = {name: tensors[f"{i}/{name}"] for name in cls.tensor_names if f"{i}/{name}" in tensors}
         items.append(cls(site=header["site"], coef=header["coef"], positions=header["positions"],
                          model=header["model"], params=header["params"], **own))
     result: Intervention | Composition = items[0] if len(items) == 1 else Composition(items)

@@ -16,10 +16,8 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
-
 from actlab.errors import ActlabError
+from actlab.files import load_tensors, save_tensors
 from actlab.transfer.profiles import ActivationProfile
 
 FORMAT = "actlab.converters"
@@ -152,39 +150,24 @@ class ConverterSet:
         ]
 
     def save(self, path: str | Path) -> Path:
-        from actlab import __version__
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors, fits = {}, {}
         for d in self.layer_map:
             for direction, table in (("to_donor", self.to_donor), ("to_recipient", self.to_recipient)):
                 m = table[d]
                 for name in ("weight", "x_mean", "y_mean"):
-                    tensors[f"{direction}.{d}.{name}"] = getattr(m, name).contiguous()
+                    tensors[f"{direction}.{d}.{name}"] = getattr(m, name)
                 fits[f"{direction}.{d}"] = {"lam": m.lam, "r2": m.r2, "train_r2": m.train_r2}
         metadata = {
-            "format": FORMAT, "actlab_version": __version__, "layer_map": json.dumps(self.layer_map),
-            "donor": json.dumps(self.donor), "recipient": json.dumps(self.recipient),
-            "prompts_hash": self.prompts_hash, "fits": json.dumps(fits), "fit_seconds": str(self.fit_seconds),
+            "layer_map": json.dumps(self.layer_map), "donor": json.dumps(self.donor),
+            "recipient": json.dumps(self.recipient), "prompts_hash": self.prompts_hash, "fits": json.dumps(fits),
+            "fit_seconds": str(self.fit_seconds),
         }
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        tmp.replace(path)
-        return path
+        return save_tensors(path, tensors, FORMAT, metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> "ConverterSet":
         """Every matrix is restored (the reference code's compressed format came back as zeros)."""
-        path = Path(path)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ActlabError(f"'{path}' is not a readable converter file ({exc})") from None
-        if meta.get("format") != FORMAT:
-            raise ActlabError(f"'{path}' is not an actlab converter file")
+        tensors, meta = load_tensors(path, FORMAT, "converter")
         layer_map = {int(k): int(v) for k, v in json.loads(meta["layer_map"]).items()}
         fits = json.loads(meta["fits"])
         tables: dict[str, dict[int, LinearMap]] = {"to_donor": {}, "to_recipient": {}}

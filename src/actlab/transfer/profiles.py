@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
-
 from actlab.errors import ActlabError
+from actlab.files import load_tensors, save_tensors
 
 FORMAT = "actlab.profile"
 
@@ -50,34 +48,15 @@ class ActivationProfile:
         return prompts_hash(self.prompts)
 
     def save(self, path: str | Path) -> Path:
-        from actlab import __version__
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"resid.{i}": a.contiguous() for i, a in self.acts.items()}
-        tensors["row_prompt"] = self.row_prompt.contiguous()
-        metadata = {
-            "format": FORMAT, "actlab_version": __version__, "model": json.dumps(self.model),
-            "prompts": json.dumps(self.prompts), "prompts_hash": self.prompts_hash, "positions": self.positions,
-        }
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        tmp.replace(path)
-        return path
+        tensors = {f"resid.{i}": a for i, a in self.acts.items()}
+        tensors["row_prompt"] = self.row_prompt
+        metadata = {"model": json.dumps(self.model), "prompts": json.dumps(self.prompts),
+                    "prompts_hash": self.prompts_hash, "positions": self.positions}
+        return save_tensors(path, tensors, FORMAT, metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> "ActivationProfile":
-        path = Path(path)
-        if not path.is_file():
-            raise ActlabError(f"profile file '{path}' does not exist; make it with `actlab paste profile`")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ActlabError(f"'{path}' is not a readable profile file ({exc})") from None
-        if meta.get("format") != FORMAT:
-            raise ActlabError(f"'{path}' is not an actlab activation profile (format {meta.get('format')!r})")
+        tensors, meta = load_tensors(path, FORMAT, "activation profile", "make it with `actlab paste profile`")
         acts = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("resid.")}
         return cls(acts=dict(sorted(acts.items())), model=json.loads(meta["model"]),
                    prompts=json.loads(meta["prompts"]), positions=meta["positions"], row_prompt=tensors["row_prompt"])
