@@ -5,9 +5,9 @@
 Greedy decoding of a batch of 4 prompts (32 random token ids each) for 64 new tokens, the end-of-
 text token disabled so every variant generates exactly the same number of tokens; the vector is
 small enough that the tokens are identical too (checked and printed). Variants, interleaved in
-every repeat so load drift on a shared machine hits them alike. Printed: the ratio of medians, the
-median of per-repeat ratios (adjacent runs), and the ratio of minima (the least disturbed runs,
-the most stable figure on a loaded machine):
+every repeat so load drift on a shared machine hits them alike. Each is timed in CPU seconds of the
+process (the figure to trust on a shared machine: with one thread it leaves out the time other
+processes hold the core) and in wall seconds; medians and their ratios are printed:
 
 * ``hf``: the HF model's own ``generate`` (no actlab hooks);
 * ``actlab``: ``Model.generate`` with no edit;
@@ -53,6 +53,66 @@ def build(name: str) -> tuple[actlab.Model, dict]:
     keys = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings"]
     return model, {k: getattr(model.hf.config, k) for k in keys if hasattr(model.hf.config, k)}
+
+
+def measure(variants: dict, repeats: int) -> tuple[dict, dict]:
+    """Wall and CPU (process) seconds of each variant, interleaved repeat by repeat."""
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            cpu[name].append(time.process_time() - c)
+            wall[name].append(time.perf_counter() - w)
+    return wall, cpu
+
+
+def hook_time(model, fn, repeats: int) -> tuple[float, float]:
+    """Seconds spent inside actlab's hook functions (state update + edits) during ``fn``, and
+    ``fn``'s total seconds (medians). Intervals this short are rarely preempted, so the fraction
+    is a load-independent measure of the overhead."""
+    hooks = model.hooks
+    spent = [0.0]
+    apply, update = hooks._apply, hooks._update_state
+
+    def timed(inner):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return inner(*a, **k)
+            finally:
+                spent[0] += time.perf_counter() - start
+
+        return wrapper
+
+    hooks._apply, hooks._update_state = timed(apply), timed(update)  # hooks installed from now on call these
+    inside, total = [], []
+    try:
+        for _ in range(repeats):
+            spent[0] = 0.0
+            start = time.perf_counter()
+            fn()
+            total.append(time.perf_counter() - start)
+            inside.append(spent[0])
+    finally:
+        del hooks._apply, hooks._update_state
+    return statistics.median(inside), statistics.median(total)
+
+
+def ratio(times: dict, a: str, b: str) -> float:
+    return statistics.median(times[a]) / statistics.median(times[b])
+
+
+def report(rows: dict[str, str], wall: dict, cpu: dict, indent: str = "") -> None:
+    """Medians and ratios to the first row; CPU time is the figure to trust on a loaded machine
+    (one thread: it does not count the time other processes hold the core)."""
+    ref = next(iter(rows.values()))
+    print(f"{indent}{'variant':<36}{'CPU s':>8}{'ratio':>8}{'wall s':>9}{'ratio':>8}   wall min..max")
+    for label, key in rows.items():
+        print(f"{indent}{label:<36}{statistics.median(cpu[key]):>8.3f}{ratio(cpu, key, ref):>8.3f}"
+              f"{statistics.median(wall[key]):>9.3f}{ratio(wall, key, ref):>8.3f}   "
+              f"{min(wall[key]):.3f}..{max(wall[key]):.3f}")
 
 
 def main() -> None:
@@ -104,33 +164,21 @@ def main() -> None:
     outputs = {name: fn() for name, fn in variants.items()}  # warm-up + token check
     same_len = len({tuple(o.shape) for o in outputs.values()}) == 1 and outputs["hf"].shape[1] == args.new_tokens
     same_tokens = same_len and all(torch.equal(outputs["hf"], o) for o in outputs.values())
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.repeats):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    med = {name: statistics.median(t) for name, t in times.items()}
+    wall, cpu = measure(variants, args.repeats)
 
     n_params = sum(p.numel() for p in model.hf.parameters())
     print(f"model: {model.name}, {n_params / 1e6:.1f}M parameters; steering {site} (norm {coef:.3g}, "
           f"residual norm {resid_norm:.3g}); batch {args.batch} x {args.prompt_len} prompt tokens, "
-          f"{args.new_tokens} new tokens, greedy; threads {args.threads}; median of {args.repeats}")
+          f"{args.new_tokens} new tokens, greedy; threads {args.threads}; {args.repeats} repeats")
     print(f"same number of tokens: {same_len}; identical tokens: {same_tokens}")
-    print(f"{'variant':<34}{'median s':>10}{'ratio':>9}")
-    print(f"{'HF generate (plain)':<34}{med['hf']:>10.3f}{1.0:>9.3f}")
-    print(f"{'actlab generate, no edit':<34}{med['actlab']:>10.3f}{med['actlab'] / med['hf']:>9.3f}")
-    print(f"{'actlab generate + steering vector':<34}{med['steered']:>10.3f}{med['steered'] / med['hf']:>9.3f}"
-          f"   ({med['steered'] / med['actlab']:.3f}x actlab without edit; target <= 1.03x)")
-    paired = {n: statistics.median(a / b for a, b in zip(times[n], times["hf"])) for n in ("actlab", "steered")}
-    print(f"median of per-repeat ratios to hf (adjacent runs, less load drift): actlab {paired['actlab']:.3f}, "
-          f"steered {paired['steered']:.3f}; steered/actlab "
-          f"{statistics.median(a / b for a, b in zip(times['steered'], times['actlab'])):.3f}")
-    spread = {name: (min(t), max(t)) for name, t in times.items()}
-    print("min/max s: " + ", ".join(f"{n} {lo:.3f}/{hi:.3f}" for n, (lo, hi) in spread.items()))
-    print(f"ratio of minima (least disturbed runs): actlab {spread['actlab'][0] / spread['hf'][0]:.3f}, "
-          f"steered {spread['steered'][0] / spread['hf'][0]:.3f}; steered/actlab "
-          f"{spread['steered'][0] / spread['actlab'][0]:.3f}")
+    report({"HF generate (plain)": "hf", "actlab generate, no edit": "actlab",
+            "actlab generate + steering vector": "steered"}, wall, cpu)
+    print(f"steered / actlab without edit: CPU {ratio(cpu, 'steered', 'actlab'):.3f}, "
+          f"wall {ratio(wall, 'steered', 'actlab'):.3f}   (target <= 1.03x)")
+    inside, total = hook_time(model, steered, args.repeats)
+    print(f"time inside actlab's hooks during a steered generate (instrumented, median of {args.repeats}): "
+          f"{inside * 1e3:.1f} ms of {total * 1e3:.0f} ms = {100 * inside / total:.2f}% "
+          f"(the overhead itself, free of the load noise above)")
     if not args.no_peers:
         peers(config, ids, direction * coef, layer, args)
 
@@ -189,13 +237,12 @@ for name, fn in list(variants.items()):
         result["not_measured"][name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         del variants[name]
 result["same_tokens"] = {n: bool(torch.equal(o, outs["hf"])) for n, o in outs.items()}
-times = {n: [] for n in variants}
+wall = {n: [] for n in variants}; cpu = {n: [] for n in variants}
 for _ in range(spec["repeats"]):
     for n, fn in variants.items():
-        t = time.perf_counter(); fn(); times[n].append(time.perf_counter() - t)
-result["median"] = {n: statistics.median(t) for n, t in times.items()}
-result["paired"] = {n: statistics.median(a / b for a, b in zip(times[n], times["hf"])) for n in times}
-result["min"] = {n: min(t) for n, t in times.items()}
+        w, c = time.perf_counter(), time.process_time(); fn()
+        cpu[n].append(time.process_time() - c); wall[n].append(time.perf_counter() - w)
+result["wall"], result["cpu"] = wall, cpu
 print("RESULT " + json.dumps(result))
 '''
 
@@ -220,18 +267,16 @@ def peers(config: dict, ids: torch.Tensor, vector: torch.Tensor, layer: int, arg
         print(f"  repeng, steering-vectors: not measured: the peer process failed ({reason})")
         return
     result = json.loads(line[len("RESULT "):])
-    med = result["median"]
     print(f"  (transformers {result['transformers']} there)")
-    print(f"  {'HF generate (plain)':<32}{med['hf']:>10.3f}{1.0:>9.3f}")
+    rows = {"HF generate (plain)": "hf"}
     for name in ("repeng", "steering-vectors"):
-        if name in med:
+        if name in result["cpu"]:
             same = "identical tokens" if result["same_tokens"].get(name) else "DIFFERENT tokens"
-            print(f"  {name + ' + vector':<32}{med[name]:>10.3f}{med[name] / med['hf']:>9.3f}   ({same}; "
-                  f"median per-repeat ratio {result['paired'][name]:.3f}; "
-                  f"ratio of minima {result['min'][name] / result['min']['hf']:.3f})")
-        else:
+            rows[f"{name} + vector ({same})"] = name
+    report(rows, result["wall"], result["cpu"], indent="  ")
+    for name in ("repeng", "steering-vectors"):
+        if name not in result["cpu"]:
             print(f"  {name}: not measured: {result['not_measured'].get(name, 'unknown reason')}")
-
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,7 @@ from actlab.errors import ActlabError
 
 __version__ = "0.1.0"
 
-__all__ = ["ActlabError", "__version__", "load", "Model", "SteeringVector", "AffineMap", "NeuronClamp", "LowRankAdapter", "Composition"]
+__all__ = ["ActlabError", "__version__", "load", "Model", "SteeringVector", "AffineMap", "NeuronClamp", "LowRankAdapter", "Composition", "steering_vector", "fit_steering"]
 
 
 def load(*args, **kwargs):
@@ -20,6 +20,14 @@ def __getattr__(name: str):
         from actlab import interventions
 
         return getattr(interventions, name)
+    if name in ("steering_vector", "fit_steering"):
+        from actlab.interventions import fit
+
+        return getattr(fit, name)
+    if name == "datasets":
+        import importlib
+
+        return importlib.import_module("actlab.datasets")
     if name == "Model":
         from actlab.models.model import Model
 

@@ -92,6 +92,18 @@ DtypeOpt = typer.Option("float32", help="Weights dtype: float32, bfloat16 or flo
 
 @app.command()
 @friendly
+def demo(
+    out: Path = typer.Option(Path("demo"), "--out", "-o", help="Where the tour writes report.html and its files."),
+    quick: bool = typer.Option(False, help="Fewer prompts and coefficients (about half the time)."),
+):
+    """The guided tour on the bundled models: profile, steer, paste (Command-V), one HTML report."""
+    from actlab.tour import run_tour
+
+    run_tour(out, quick=quick, console=console)
+
+
+@app.command()
+@friendly
 def sites(model: str = typer.Argument("demo-llama", help=MODEL_HELP), device: str = DeviceOpt, dtype: str = DtypeOpt):
     """List a model's sites and their widths."""
     m = _load(model, device, dtype)

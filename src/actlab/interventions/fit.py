@@ -113,3 +113,12 @@ def random_like(vector: SteeringVector, seed: int = 0) -> SteeringVector:
     r = r / r.norm() * vector.vector.norm()
     return SteeringVector(site=vector.site, vector=r, coef=vector.coef, positions=vector.positions,
                           model=vector.model, params={"method": "random", "seed": seed})
+
+
+def steering_vector(model, pos: Sequence[str], neg: Sequence[str], site: str, *, method: Method = "mean-diff",
+                    **kwargs) -> SteeringVector:
+    """Convenience: one vector at one site from two lists of texts (``actlab.steering_vector``)."""
+    names = model.resolve(site)
+    if len(names) != 1:
+        raise ActlabError(f"steering_vector fits one site; '{site}' selects {len(names)} (use fit_steering for a sweep)")
+    return fit_steering(model, ContrastSet(list(pos), list(neg)), names, method=method, **kwargs)[names[0]]
