@@ -37,14 +37,17 @@ def bench_model(seed: int = 0) -> actlab.Model:
     return actlab.load(hf, tokenizer=None)
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def interleaved_medians(variants: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per variant, timing them round-robin so machine noise hits all alike."""
+    for fn in variants.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -90,12 +93,13 @@ def main() -> None:
 
     print(f"model: Llama-shaped, {n_params / 1e6:.1f}M parameters, {len(sites)} resid sites; "
           f"batch {args.batch} x {args.seq} tokens; threads={args.threads}; median of {args.repeats}")
-    base = median_time(plain, args.repeats)
-    rows = [("plain forward", base), ("plain forward, no LM head", median_time(plain_no_head, args.repeats))]
-    for name, fn in [("capture resid.* (model.capture)", capture), ("capture resid.* (runner, flat)", runner_capture),
-                     ("record resid.* to store", store), ("stats resid.* + mlp.hidden.*", stats)]:
-        rows.append((name, median_time(fn, args.repeats)))
-    no_head = rows[1][1]
+    medians = interleaved_medians({
+        "plain forward": plain, "plain forward, no LM head": plain_no_head,
+        "capture resid.* (model.capture)": capture, "capture resid.* (runner, flat)": runner_capture,
+        "record resid.* to store": store, "stats resid.* + mlp.hidden.*": stats,
+    }, args.repeats)
+    rows = list(medians.items())
+    base, no_head = rows[0][1], rows[1][1]
     print(f"{'variant':40s} {'ms':>9s} {'vs plain':>9s} {'vs no-head':>11s}")
     for name, seconds in rows:
         print(f"{name:40s} {seconds * 1e3:9.1f} {seconds / base:8.3f}x {seconds / no_head:10.3f}x")

@@ -108,9 +108,9 @@ def report(rows: dict[str, str], wall: dict, cpu: dict, indent: str = "") -> Non
     """Medians and ratios to the first row; CPU time is the figure to trust on a loaded machine
     (one thread: it does not count the time other processes hold the core)."""
     ref = next(iter(rows.values()))
-    print(f"{indent}{'variant':<36}{'CPU s':>8}{'ratio':>8}{'wall s':>9}{'ratio':>8}   wall min..max")
+    print(f"{indent}{'variant':<48}{'CPU s':>8}{'ratio':>8}{'wall s':>9}{'ratio':>8}   wall min..max")
     for label, key in rows.items():
-        print(f"{indent}{label:<36}{statistics.median(cpu[key]):>8.3f}{ratio(cpu, key, ref):>8.3f}"
+        print(f"{indent}{label:<48}{statistics.median(cpu[key]):>8.3f}{ratio(cpu, key, ref):>8.3f}"
               f"{statistics.median(wall[key]):>9.3f}{ratio(wall, key, ref):>8.3f}   "
               f"{min(wall[key]):.3f}..{max(wall[key]):.3f}")
 

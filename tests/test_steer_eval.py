@@ -16,6 +16,15 @@ from actlab.interventions.evaluate import DoseResponse, LayerSweep, dose_respons
 from tiny_models import ByteTokenizer, tiny_config
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices gain nothing from threads, and on a shared machine extra threads spin-wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 # ------------------------------------------------------------------------ tiny-model machinery
 class Tok(ByteTokenizer):
     """ByteTokenizer that also takes one string and the truncation arguments perplexity passes."""
@@ -174,12 +183,11 @@ def demo(name: str):
     if name not in zoo_models():
         pytest.skip(f"{name} is not in the zoo yet (scripts/train_demo_models.py {name})")
     if name not in DEMO:
-        torch.set_num_threads(1)
         DEMO[name] = actlab.load(name)
     return DEMO[name]
 
 
-# Measured with `python -m actlab.interventions.evaluate MODEL --genre techdoc` (docs/steering.md):
+# Measured with `actlab steer eval MODEL --genre techdoc` (docs/steering.md):
 # techdoc has the most headroom of the genres with enough pairs (unedited rate ~0.25-0.3 on its
 # prompts; scripture starts at ~0.65, jargon barely moves at moderate coefficients), and the
 # layer sweep at coefficient 1 puts resid.0 first on both models (the other layers are within noise).

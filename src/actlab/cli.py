@@ -309,6 +309,41 @@ def steer_fit(
         console.print("compare the layers with `actlab steer eval` (it sweeps layers and draws dose-response curves)")
 
 
+@steer_app.command("eval")
+@friendly
+def steer_eval(
+    model: str = typer.Argument("demo-llama", help=MODEL_HELP),
+    genre: str = typer.Option("techdoc", help="Target genre (scripture, fortunes, jargon, techdoc, dictionary)."),
+    site: Optional[str] = typer.Option(None, help="Site to steer at; default: a layer sweep picks the best resid layer."),
+    methods: str = typer.Option("mean-diff,pca,dims,affine,adapter", help="Methods to fit and compare."),
+    coefs: str = typer.Option("-2,-1,0,0.5,1,2,4", help="Coefficients of the dose-response grid."),
+    prompts: int = typer.Option(16, help="Held-out prompts continued per point."),
+    tokens: int = typer.Option(24, help="New tokens per continuation."),
+    seed: int = typer.Option(0, help="Sampling seed (shared by every point, so curves are comparable)."),
+    out: Path = typer.Option(Path("steer-eval"), "--out", "-o", help="Directory for evaluation.json and the plots."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+):
+    """Dose-response of genre steering: genre rate of generations and neutral perplexity vs coefficient, per
+    method, with a random-vector control (uses the bundled genre sets and classifier)."""
+    from actlab.interventions.evaluate import evaluate_genre, write_evaluation
+
+    try:
+        grid = [float(c) for c in coefs.split(",") if c.strip()]
+    except ValueError:
+        raise ActlabError(f"--coefs expects numbers separated by commas, e.g. -1,0,1,2; not {coefs!r}") from None
+    m = _load(model, device, dtype)
+    result = evaluate_genre(m, genre, site=site, methods=[x.strip() for x in methods.split(",") if x.strip()], coefs=grid,
+                            n_prompts=prompts, max_new_tokens=tokens, seed=seed, progress=True)
+    if result.sweep is not None:
+        console.print(f"layer sweep ({result.sweep.method} × {result.sweep.coef:g}): best {result.sweep.best_site}")
+        console.print(result.sweep.table())
+    console.print(f"dose-response at {result.site}: genre rate (neutral perplexity)")
+    console.print(result.dose.table())
+    paths = write_evaluation(result, out)
+    console.print(f"[green]wrote[/] {', '.join(str(p) for p in paths)} ({result.seconds:.0f} s)")
+
+
 @adapter_app.command("train")
 @friendly
 def adapter_train(
