@@ -17,17 +17,7 @@ from actlab.engine.reservoir import Reservoir
 from tiny_models import ByteTokenizer, tiny_hf_model
 
 
-class TextTokenizer(ByteTokenizer):
-    """ByteTokenizer that also takes one string and truncation arguments (as actlab.evals.perplexity calls it)."""
-
-    def __call__(self, texts, add_special_tokens=True, truncation=False, max_length=None, **kwargs):
-        single = isinstance(texts, str)
-        ids = super().__call__([texts] if single else list(texts))["input_ids"]
-        if truncation and max_length:
-            ids = [x[:max_length] for x in ids]
-        return {"input_ids": ids[0] if single else ids}
-
-
+TextTokenizer = ByteTokenizer  # takes single strings and HF-style truncation arguments
 def make_model(arch):
     return actlab.load(tiny_hf_model(arch), tokenizer=TextTokenizer())
 

@@ -31,17 +31,7 @@ DOCS = [
 ]  # all shorter than the tiny context (64), six docs = one batch
 
 
-class TextTokenizer(ByteTokenizer):
-    """ByteTokenizer that also takes one string and HF-style keyword arguments (for perplexity)."""
-
-    def __call__(self, texts, add_special_tokens=True, truncation=False, max_length=None, **kwargs):
-        single = isinstance(texts, str)
-        ids = super().__call__([texts] if single else list(texts))["input_ids"]
-        if truncation and max_length:
-            ids = [x[:max_length] for x in ids]
-        return {"input_ids": ids[0] if single else ids}
-
-
+TextTokenizer = ByteTokenizer  # takes single strings and HF-style truncation arguments
 def load_tiny(arch: str, hf=None):
     return actlab.load(hf if hf is not None else tiny_hf_model(arch), tokenizer=TextTokenizer())
 

@@ -26,17 +26,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 # ------------------------------------------------------------------------ tiny-model machinery
-class Tok(ByteTokenizer):
-    """ByteTokenizer that also takes one string and the truncation arguments perplexity passes."""
-
-    def __call__(self, texts, add_special_tokens=True, truncation=False, max_length=None, **kwargs):
-        single = isinstance(texts, str)
-        ids = super().__call__([texts] if single else list(texts))["input_ids"]
-        if truncation and max_length:
-            ids = [i[:max_length] for i in ids]
-        return {"input_ids": ids[0] if single else ids}
-
-
+Tok = ByteTokenizer  # takes single strings and HF-style truncation arguments
 class TokenClassifier:
     """'hit' when a continuation contains the token id ``token`` (ByteTokenizer decodes to ids)."""
 

@@ -69,7 +69,7 @@ CONDITIONS = ("none", "random", "pasted", "direct")
 DEFAULT_GENRE = "scripture"
 DEFAULT_VECTOR_COEF = 0.5
 DEFAULT_ADAPTER_COEF = 1.0
-DEFAULT_EVAL_PROMPTS = 64
+DEFAULT_EVAL_PROMPTS = 80
 DEFAULT_SAMPLES = 4
 DEFAULT_NEW_TOKENS = 24
 DEFAULT_NEUTRAL = 16
@@ -77,7 +77,10 @@ DEFAULT_FIT_PAIRS = 64
 DEFAULT_RANK = 4
 DEFAULT_STEPS = 200
 DEFAULT_POSITIONS = "all"
-N_RANDOM = 3
+# ridge λ (relative to the mean eigenvalue) the evaluation lets the converters choose from: at least 0.1
+# (see the module docstring); None would be fit_converters' own grid down to 1e-8
+PASTE_LAMBDAS = (0.1, 0.3, 1.0, 3.0, 10.0)
+N_RANDOM = 4
 PROFILE_PER_GENRE = 60
 PROFILE_WORDS = 10
 TARGET_PASTED = 0.8
@@ -347,7 +350,8 @@ class _Rows:
         self.prompt_of_row = np.repeat(np.arange(len(prompts)), samples_per_prompt)
 
     def run(self, name: str, edits) -> tuple[Condition, np.ndarray]:
-        """Score one edit, None (unedited), or a list of edits pooled (hits averaged per row)."""
+        """Score one edit, None (unedited), or a list of edits pooled (hits averaged per row);
+        ``self.last_hits`` keeps each edit's own hits."""
         edits = edits if isinstance(edits, list) else [edits]
         hits, log_ppl, texts = [], [], []
         for e in edits:
@@ -357,6 +361,7 @@ class _Rows:
             pred = self.scorer.classifier.predict(out)
             hits.append(np.array([p == self.target for p in pred], dtype=float))
             texts += out
+        self.last_hits = hits
         row = np.mean(hits, axis=0)
         rate = float(row.mean())
         n = len(row) * len(edits)
@@ -443,6 +448,27 @@ def _adapter_flops(model, data, adapter: LowRankAdapter, batch_size: int, steps:
 
 
 # ------------------------------------------------------------------------------------ the run
+def _fit_converters(d_prof, r_prof, lambdas: Sequence[float] | None):
+    """``fit_converters`` (λ from its grid by held-out error), or the same fit restricted to ``lambdas``."""
+    from actlab.transfer.converters import ConverterSet, fit_converters, fit_linear_map, match_layers_by_depth
+
+    if lambdas is None:
+        return fit_converters(d_prof, r_prof)
+    lambdas = [float(x) for x in lambdas]
+    if not lambdas or any(not math.isfinite(x) or x <= 0 for x in lambdas):
+        raise ActlabError(f"converter_lambdas must be positive numbers, not {lambdas}")
+    if d_prof.prompts_hash != r_prof.prompts_hash or d_prof.positions != r_prof.positions or \
+            not torch.equal(d_prof.row_prompt, r_prof.row_prompt):
+        fit_converters(d_prof, r_prof)  # raises the explanation
+    mapping = match_layers_by_depth(d_prof.n_layers, r_prof.n_layers)
+    t = time.perf_counter()
+    to_donor = {d: fit_linear_map(r_prof.acts[r], d_prof.acts[d], lambdas=lambdas) for d, r in mapping.items()}
+    to_recipient = {d: fit_linear_map(d_prof.acts[d], r_prof.acts[r], lambdas=lambdas) for d, r in mapping.items()}
+    return ConverterSet(layer_map=mapping, to_donor=to_donor, to_recipient=to_recipient, donor=d_prof.model,
+                        recipient=r_prof.model, prompts_hash=d_prof.prompts_hash, fit_seconds=time.perf_counter() - t,
+                        extra={"lambdas": lambdas})
+
+
 def _same_tokens(donor, recipient, prompts: Sequence[str]) -> bool:
     a = donor.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     b = recipient.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
@@ -468,6 +494,7 @@ def evaluate_transfer(
     rank: int = DEFAULT_RANK,
     steps: int = DEFAULT_STEPS,
     adapter_batch_size: int = 8,
+    converter_lambdas: Sequence[float] | None = PASTE_LAMBDAS,
     eval_prompts: Sequence[str] | None = None,
     donor_check: bool = True,
     cache_dir: str | Path | None = None,
@@ -490,7 +517,6 @@ def evaluate_transfer(
     """
     from actlab.interventions.adapter_train import train_adapter
     from actlab.interventions.fit import fit_steering
-    from actlab.transfer.converters import fit_converters
     from actlab.transfer.paste import paste
     from actlab.transfer.profiles import cached_profile, profile_model
 
@@ -544,7 +570,7 @@ def evaluate_transfer(
         r_prof = profile(recipient)
         r_prof_seconds = time.perf_counter() - t
         bar.advance()
-        converters = fit_converters(d_prof, r_prof)
+        converters = _fit_converters(d_prof, r_prof, converter_lambdas)
         bar.advance()
         t = time.perf_counter()
         pasted = paste(donor_edit, converters, recipient)
@@ -568,11 +594,14 @@ def evaluate_transfer(
         h_r = r_prof.acts[r_layer]
         target_size = _mean_delta_norm(pasted, h_r)
         randoms, raw_sizes = [], []
-        for j in range(n_random):
+        if n_random < 1:
+            raise ActlabError(f"n_random must be at least 1, not {n_random}")
+        for j in range((n_random + 1) // 2):
             rnd = paste(_random_in_donor(donor_edit, seed + 7919 * (j + 1)), converters, recipient)
             size = _mean_delta_norm(rnd, h_r)
             raw_sizes.append(size)
-            randoms.append(rnd.scaled(target_size / size if size > 0 else 1.0))
+            rnd = rnd.scaled(target_size / size if size > 0 else 1.0)
+            randoms += [rnd, rnd.scaled(-1.0)][: n_random - len(randoms)]  # antithetic pairs: r and −r
 
         # 4. score the recipient
         rows = _Rows(recipient, target_genre=target_genre, prompts=prompts, neutral_texts=setup.neutral_texts,
@@ -583,6 +612,8 @@ def evaluate_transfer(
         for name, edit in (("none", None), ("random", [r * coef for r in randoms]), ("pasted", pasted * coef),
                            ("direct", direct * coef)):
             conds[name], hits[name] = rows.run(name, edit)
+            if name == "random":
+                random_draws = [float((h - hits["none"]).mean()) for h in rows.last_hits]
             bar.advance()
         for name in CONDITIONS[1:]:
             _paired(conds[name], hits[name], conds["none"], hits["none"])
@@ -605,6 +636,7 @@ def evaluate_transfer(
     diagnostics: dict[str, Any] = {
         "donor_rel_change": rel(donor_edit, h_d), "pasted_rel_change": rel(pasted, h_r),
         "direct_rel_change": rel(direct, h_r), "random_raw_size_over_pasted": [s / target_size for s in raw_sizes],
+        "random_draw_effects": random_draws,
         "pasted_mean_delta_norm": target_size, "direct_mean_delta_norm": _mean_delta_norm(direct, h_r),
     }
     if kind == "vector":
@@ -679,23 +711,37 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--site", default=None, help="donor site (default: the middle layer)")
     parser.add_argument("--coef", type=float, default=None)
     parser.add_argument("--positions", default=DEFAULT_POSITIONS, choices=("all", "last"))
+    parser.add_argument("--lambdas", default="paste",
+                        help="converter ridge grid: 'paste' (λ ≥ 0.1, the default), 'auto' (fit_converters' own grid, "
+                             "as `actlab paste run`) or numbers separated by commas")
     parser.add_argument("--prompts", type=int, default=DEFAULT_EVAL_PROMPTS)
     parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
     parser.add_argument("--tokens", type=int, default=DEFAULT_NEW_TOKENS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=None, help="directory for transfer_<kind>.json and .png")
+    parser.add_argument("--out", default=None, help="directory for the JSON result and the bar chart (PNG)")
+    parser.add_argument("--name", default=None, help="file stem under --out (default transfer_KIND_DONOR_to_RECIPIENT)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.lambdas == "paste":
+        lambdas = PASTE_LAMBDAS
+    elif args.lambdas == "auto":
+        lambdas = None
+    else:
+        try:
+            lambdas = [float(x) for x in args.lambdas.split(",") if x.strip()]
+        except ValueError:
+            raise SystemExit(f"--lambdas expects paste, auto or numbers separated by commas, not {args.lambdas!r}") from None
     result = evaluate_transfer(actlab.load(args.donor), actlab.load(args.recipient), kind=args.kind,
                                target_genre=args.genre, donor_site=args.site, coef=args.coef, positions=args.positions,
                                n_eval_prompts=args.prompts, samples_per_prompt=args.samples,
-                               max_new_tokens=args.tokens, seed=args.seed, progress=not args.no_progress)
+                               max_new_tokens=args.tokens, converter_lambdas=lambdas, seed=args.seed,
+                               progress=not args.no_progress)
     print("\n".join(result.summary_lines()))
     if args.out:
         out = Path(args.out)
-        stem = f"transfer_{args.kind}_{args.donor}_to_{args.recipient}"
+        stem = args.name or f"transfer_{args.kind}_{args.donor}_to_{args.recipient}"
         result.save(out / f"{stem}.json")
         result.figure(out / f"{stem}.png")
         print(f"wrote {out}/{stem}.json and .png")
