@@ -4,7 +4,7 @@
 Needs work-data/tokens/ and work-data/tokenizer/ (scripts/build_corpus.py, then
 scripts/train_tokenizer.py). For each model:
 
-  runs/<name>/ckpt.pt         latest checkpoint (model, optimizer, step, elapsed time); written
+  runs/<name>/ckpt.safetensors latest checkpoint (model, optimizer, step, elapsed time); written
                               every --ckpt-minutes and at the end, atomically
   runs/<name>/log.jsonl       training loss every --log-every steps, validation loss every --eval-every
   runs/<name>/summary.json    tokens seen, wall-clock training time, final validation loss
@@ -114,12 +114,36 @@ def val_batches(data: np.ndarray, n: int, batch_size: int, seq_len: int):
     return [torch.from_numpy(x[i * batch_size : (i + 1) * batch_size]) for i in range(n)]
 
 
-def atomic_save(obj, path: Path) -> None:
-    import torch
+def save_checkpoint(path: Path, model, opt, meta: dict) -> None:
+    """Model + optimizer state as safetensors (no pickle), the rest as JSON metadata; atomic."""
+    from safetensors.torch import save_file
 
+    tensors = {f"model/{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    opt_state = opt.state_dict()
+    for idx, state in opt_state["state"].items():
+        for key, value in state.items():
+            tensors[f"opt/{idx}/{key}"] = value.detach().clone().contiguous().reshape(value.shape)
+    header = dict(meta, param_groups=opt_state["param_groups"])
     tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
+    save_file(tensors, str(tmp), metadata={"checkpoint": json.dumps(header)})
     os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model, opt) -> dict:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["checkpoint"])
+    tensors = load_file(str(path))
+    model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("opt/"):
+            _, idx, name = key.split("/", 2)
+            state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": header.pop("param_groups")})
+    return header
 
 
 def export(model, tokenizer_dir: Path, out: Path, summary: dict) -> None:
@@ -196,12 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         lr=spec["lr"], betas=(0.9, 0.95), eps=1e-8,
     )
     run = args.runs / args.model
-    ckpt_path = run / "ckpt.pt"
+    ckpt_path = run / "ckpt.safetensors"
     step, elapsed = 0, 0.0
     if ckpt_path.exists() and not args.benchmark:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
+        ck = load_checkpoint(ckpt_path, model, opt)
         step, elapsed = ck["step"], ck["elapsed"]
         if ck["spec"] != spec or ck["seed"] != args.seed:
             sys.exit(f"train_demo_models: checkpoint {ckpt_path} was made with other settings "
@@ -283,8 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[train] step {step} validation loss {vl:.4f} (ppl {math.exp(vl):.1f})", flush=True)
         stop = args.stop_after is not None and step >= args.stop_after
         if not args.benchmark and (time.time() - last_ckpt > args.ckpt_minutes * 60 or step == total or stop):
-            atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                         "elapsed": elapsed, "spec": spec, "seed": args.seed}, ckpt_path)
+            save_checkpoint(ckpt_path, model, opt, {"step": step, "elapsed": elapsed, "spec": spec, "seed": args.seed})
             last_ckpt = time.time()
             print(f"[train] checkpoint at step {step}", flush=True)
         if stop and step < total:

@@ -1,0 +1,149 @@
+"""Command-V on the demo pair: a pasted steering vector does in the recipient what its own does.
+
+The slow tests run ``actlab.transfer.evaluate.evaluate_transfer`` on demo-llama (donor, 4 × 256) →
+demo-gpt2 (recipient, 6 × 192) and back. Numbers measured with the defaults used here (docs/transfer.md,
+`python -m actlab.transfer.evaluate --kind vector`, torch 2.13 CPU, one thread): see the comments.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import actlab
+from actlab.interventions import LowRankAdapter
+from actlab.transfer import match_layers_by_depth
+from actlab.transfer.evaluate import (
+    TransferEvaluation, default_profile_prompts, default_site, evaluate_transfer, evaluation_prompts,
+    random_adapter_like,
+)
+
+
+# ------------------------------------------------------------------------------------ fast
+def test_default_site_is_the_middle_layer():
+    assert default_site(SimpleNamespace(n_layers=4)) == "resid.1"  # demo-llama: depth 2/4
+    assert default_site(SimpleNamespace(n_layers=6)) == "resid.2"  # demo-gpt2: depth 3/6
+    assert default_site(SimpleNamespace(n_layers=1)) == "resid.0"
+    # and the two middles match each other by relative depth, in both directions
+    assert match_layers_by_depth(4, 6)[1] == 2 and match_layers_by_depth(6, 4)[2] == 1
+
+
+def test_profile_and_evaluation_data_are_disjoint():
+    profile = default_profile_prompts()
+    assert 500 <= len(profile) <= 1000 and len(set(profile)) == len(profile)
+    setup, prompts = evaluation_prompts("scripture")
+    assert len(prompts) == 80 and len(set(prompts)) == 80
+    assert not set(prompts) & set(profile)
+    assert not set(prompts) & set(setup.contrast.prompts)  # never the prompt of a pair the vector is fitted on
+
+
+def test_random_adapter_matches_the_size_of_the_change():
+    gen = torch.Generator().manual_seed(0)
+    R = torch.linalg.qr(torch.randn(32, 4, generator=gen))[0].T.contiguous()
+    trained = LowRankAdapter("resid.1", R=R, W=R + 0.3 * torch.randn(4, 32, generator=gen),
+                             b=torch.randn(4, generator=gen))
+    rnd = random_adapter_like(trained, seed=3)
+    torch.testing.assert_close(rnd.R @ rnd.R.T, torch.eye(4), atol=1e-5, rtol=0)
+    assert float((rnd.W - rnd.R).norm()) == pytest.approx(float((trained.W - trained.R).norm()), rel=1e-5)
+    assert float(rnd.b.norm()) == pytest.approx(float(trained.b.norm()), rel=1e-5)
+    assert abs(float(torch.nn.functional.cosine_similarity(rnd.R.flatten(), R.flatten(), dim=0))) < 0.5
+
+
+# ------------------------------------------------------------------------------------ slow
+MODELS = {}
+
+
+def demo(name: str):
+    from actlab.models.loading import zoo_models
+
+    if name not in zoo_models():
+        pytest.skip(f"{name} is not in the zoo (scripts/train_demo_models.py {name})")
+    if name not in MODELS:
+        torch.set_num_threads(1)
+        MODELS[name] = actlab.load(name)
+    return MODELS[name]
+
+
+@pytest.fixture(scope="module")
+def profile_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("transfer-profiles")
+
+
+@pytest.fixture(scope="module")
+def llama_to_gpt2(profile_cache) -> TransferEvaluation:
+    # defaults: scripture, donor resid.1 → recipient resid.2, coefficient 0.5, 80 held-out prompts × 4
+    # samples, all-token profiles of 623 prompts, converter λ ≥ 0.1; ~35 s on one core
+    return evaluate_transfer(demo("demo-llama"), demo("demo-gpt2"), kind="vector", donor_check=False,
+                             cache_dir=profile_cache)
+
+
+@pytest.mark.slow
+def test_pasted_vector_moves_the_recipient_like_its_own(llama_to_gpt2):
+    r = llama_to_gpt2
+    lines = "\n".join(r.summary_lines())
+    assert (r.donor_site, r.recipient_site) == ("resid.1", "resid.2"), lines
+    c = r.conditions
+    # the comparison is meaningful: the recipient's own vector moves the rate well clear of the noise
+    assert c["direct"].effect >= 0.2 and c["direct"].effect > 5 * c["direct"].effect_se, lines
+    assert c["pasted"].effect > 5 * c["pasted"].effect_se, lines
+    # Measured: rate none 0.491, pasted 0.747, direct 0.800 (320 continuations each); effects +0.256 ±
+    # 0.026 and +0.309 ± 0.028 (paired SE) → pasted/direct 0.83, 95% bootstrap over prompts 0.71–0.95
+    # (on other prompts — the fitted pairs' — 0.87–0.89; with seed 1: see docs/transfer.md). The point
+    # estimate meets the issue's 0.8 but its noise is ±0.12, so the test asserts what the data support
+    # with margin: ≥ 0.7 (the interval's lower end), with 0.8 inside the interval. The shortfall from 1
+    # is systematic, not noise: the pasted vector points the right way (cosine 0.94 with the direct one)
+    # but is 0.79 as long — ridge regression dilutes a difference vector by the share of the donor's
+    # variance the recipient does not predict (held-out R² ≈ 0.76).
+    assert r.pasted_ratio >= 0.7, lines
+    assert r.ratios["pasted_over_direct_ci"][1] >= 0.8, lines
+    assert r.diagnostics["cosine_pasted_direct"] > 0.9, lines
+
+
+@pytest.mark.slow
+def test_random_pasted_vector_of_the_same_norm_does_nothing(llama_to_gpt2):
+    r = llama_to_gpt2
+    lines = "\n".join(r.summary_lines())
+    # Measured: random effect −0.007 ± 0.015 (4 draws: 2 directions and their negatives, each pasted
+    # and rescaled to the pasted vector's norm) → random/direct −0.02 (95% −0.14–+0.06). Target ≤ 0.1;
+    # the noise of one evaluation is ±0.05 of the direct effect, so allow 0.15.
+    assert abs(r.random_ratio) <= 0.15, lines
+    assert abs(r.conditions["random"].effect) < r.conditions["pasted"].effect / 5, lines
+
+
+@pytest.mark.slow
+def test_pasted_vector_costs_little_perplexity(llama_to_gpt2):
+    c = llama_to_gpt2.conditions
+    # Measured: neutral perplexity none 178.6, pasted 184.5 (1.03×), direct 187.3 (1.05×)
+    assert c["pasted"].perplexity < 1.2 * c["none"].perplexity
+    assert c["pasted"].perplexity <= c["direct"].perplexity * 1.05
+
+
+@pytest.mark.slow
+def test_result_serialises_and_draws(llama_to_gpt2, tmp_path):
+    r = llama_to_gpt2
+    d = r.to_dict()
+    assert set(d["conditions"]) == {"none", "random", "pasted", "direct"}
+    assert len(d["converters"]) == 4 and all(0.5 < p["r2_to_recipient"] < 1 for p in d["converters"])
+    assert d["compute"]["converter_fit_seconds"] < 10 and d["compute"]["paste_gflop"] > 0
+    r.save(tmp_path / "r.json")
+    r.figure(tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    assert any("pasted/direct" in line for line in r.summary_lines())
+
+
+@pytest.mark.slow
+def test_paste_from_the_deeper_model_into_the_shallower(profile_cache):
+    # demo-gpt2 (6 layers) → demo-llama (4): the reverse of the above, on the cached profiles, smaller.
+    # Measured with the full defaults (80 prompts): pasted/direct 0.78 (0.65–0.90), random −0.05.
+    donor, recipient = demo("demo-gpt2"), demo("demo-llama")
+    r = evaluate_transfer(donor, recipient, kind="vector", n_eval_prompts=40, n_random=2, donor_check=False,
+                          cache_dir=profile_cache)
+    lines = "\n".join(r.summary_lines())
+    assert r.settings["layer_map"] == {0: 0, 1: 0, 2: 1, 3: 2, 4: 2, 5: 3}
+    assert (r.donor_site, r.recipient_site) == ("resid.2", "resid.1"), lines
+    pasted = r.conditions["pasted"]
+    assert pasted.effect >= 0.1 and pasted.effect > 4 * pasted.effect_se, lines  # the right direction
+    assert r.pasted_ratio >= 0.5, lines
+    assert pasted.perplexity < 1.2 * r.conditions["none"].perplexity, lines
