@@ -56,7 +56,7 @@ def main() -> None:
     from actlab.interventions.adapter_train import train_adapter
     from actlab.interventions.evaluate import genre_setup
     from actlab.transfer import fit_converters, profile_model
-    from actlab.transfer.evaluate import PASTE_LAMBDAS, _fit_converters, default_profile_prompts
+    from actlab.transfer.evaluate import PASTE_LAMBDAS, default_profile_prompts, fit_paste_converters
 
     donor, recipient = actlab.load("demo-llama"), actlab.load("demo-gpt2")
     per_genre = max(0, -(-(args.prompts - len(default_prompts())) // 5))
@@ -79,7 +79,7 @@ def main() -> None:
     cases = [
         ("last", "last", lambda p: fit_converters(*p)),
         ("all", "all", lambda p: fit_converters(*p)),
-        ("all, λ ≥ 0.1", "all", lambda p: _fit_converters(*p, PASTE_LAMBDAS)),
+        ("all, λ ≥ 0.1", "all", lambda p: fit_paste_converters(*p, PASTE_LAMBDAS)),
     ]
     print(f"\nfit_converters, all {donor.n_layers} donor layers (both directions), median of {args.repeats}:")
     for label, positions, fn in cases:

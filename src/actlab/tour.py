@@ -122,9 +122,16 @@ def run_tour(
     console.print(dose.table())
 
     say(f"4/5  paste it into {recipient.name} (Command-V)")
-    transfer = evaluate_transfer(donor, recipient, kind="vector", target_genre=GENRE, progress=True)
+    transfer = evaluate_transfer(donor, recipient, kind="vector", target_genre=GENRE, progress=True,
+                                 n_eval_prompts=16 if quick else 32, samples_per_prompt=2, cache_dir=out / "cache")
     for line in transfer.summary_lines():
         console.print(line)
+    c = transfer.conditions
+    _generations_table(
+        console, f"{recipient.name}: a sampled continuation per condition", ["(first held-out prompt)"],
+        {"plain": [c["none"].samples[0] if c["none"].samples else ""],
+         "pasted": [c["pasted"].samples[0] if c["pasted"].samples else ""],
+         "direct": [c["direct"].samples[0] if c["direct"].samples else ""]})
 
     say("5/5  write the report")
     steer_section = Section(
@@ -142,7 +149,11 @@ def run_tour(
                      "donor's steering vector into the recipient's residual stream without any training. 'direct' is "
                      "the recipient's own vector fitted on the same contrast pairs; 'random' is a random donor vector "
                      "of the same norm, pasted the same way."),
-        headline_text=transfer.headline(), data=transfer.to_dict(), figs=[transfer.figure()])
+        headline_text=(f"pasted/direct effect {transfer.pasted_ratio:.2f}, random/direct {transfer.random_ratio:+.2f}; "
+                       f"genre rate {c['none'].rate:.0%} → pasted {c['pasted'].rate:.0%} (direct {c['direct'].rate:.0%})"),
+        data=transfer.to_dict(), figs=[transfer.figure()],
+        rows=(["condition", "genre rate", "perplexity", "effect"],
+              [[n, round(c[n].rate, 3), round(c[n].perplexity, 1), round(c[n].effect, 3)] for n in c]))
     results = [steer_section, transfer_section]
     profile_sections = []
     for name, run in profiles.items():

@@ -8,9 +8,11 @@ behaviour — steering generations toward a target genre — with every piece of
    adapter trained with ``train_adapter`` on the same pairs' (prompt, genre continuation) texts
    (``kind="adapter"``).
 2. **Paste it** into the recipient: both models are profiled on ``profile_prompts``
-   (``profile_model`` / ``cached_profile``), ``fit_converters`` fits ridge converters for every
-   layer pair matched by relative depth, and ``paste`` gives an ordinary recipient intervention at
-   the matched recipient layer. No gradient is taken anywhere on this path.
+   (``profile_model`` / ``cached_profile``; every token by default — the demo models share a
+   tokenizer — else the last prompt token), ridge converters are fitted for every layer pair matched
+   by relative depth (``fit_paste_converters``: ``fit_converters`` with λ ≥ 0.1, see there), and
+   ``paste`` gives an ordinary recipient intervention at the matched recipient layer. No gradient is
+   taken anywhere on this path.
 3. **Compare on the recipient**, with the generation and scoring protocol of
    ``actlab.interventions.evaluate`` (its ``_Scorer``: continuations sampled at temperature 1 with a
    fixed seed shared by every condition — common random numbers — classified by the bundled genre
@@ -21,7 +23,10 @@ behaviour — steering generations toward a target genre — with every piece of
      vector of the donor vector's norm; for adapters, a random orthonormal ``R`` with ``W − R`` and
      ``b`` of the trained adapter's norms), pasted through the same converters, then rescaled so
      that its mean ``‖Δ‖`` on the recipient's profile activations equals the pasted intervention's
-     (for vectors: the same norm as the pasted vector). Three random draws, pooled;
+     (for vectors: the same norm as the pasted vector). ``n_random`` = 4 draws, pooled: two random
+     interventions and their negatives (antithetic pairs — the random distribution is symmetric, so
+     this is a sample of it whose first-order effects cancel; what is left is the effect of *any*
+     edit of that size, which is what the control is for). Per-draw effects are in ``diagnostics``;
    * ``pasted``: the pasted donor intervention;
    * ``direct``: the recipient's own intervention of the same kind at the matched layer, made from
      the same data (for vectors: fitted the same way and applied at the same coefficient; for
@@ -36,11 +41,16 @@ are prompts of the *other* pairs that are not also the prompt of a fitted pair; 
 are lines of ``neutral.txt``; the profile prompts (``default_profile_prompts``) are the bundled
 prompt set plus 10-word openings of ``heldout.jsonl`` passages, none equal to an evaluation prompt.
 
+Defaults, chosen on the *fitted* pairs' prompts (never on the evaluation prompts): genre scripture
+(200 pairs, so 80 evaluation prompts are left after fitting on 64; the unedited rate is ≈ 0.5, leaving
+room both ways); coefficient 0.5 for vectors (the direct vector moves the rate to ≈ 0.8 — at 1 both
+saturate near 1 and the ratio says little) and 1 for adapters; 80 prompts × 4 samples × 24 tokens.
+
 Default layer (``default_site``): the donor layer whose relative depth ``(i + 1) / n_layers`` is
 nearest one half (ties: the shallower) — ``resid.1`` of demo-llama (4 layers), which matches
 ``resid.2`` of demo-gpt2 (6 layers) exactly; ``resid.2`` of demo-gpt2, which matches ``resid.1`` of
 demo-llama. Middle layers carry the genre in both models (a layer sweep steers from every layer) and
-their converters fit as well as any (held-out R² ≈ 0.8).
+their converters fit as well as any (held-out R² ≈ 0.7–0.8).
 
 Run ``python -m actlab.transfer.evaluate --kind vector`` (or ``adapter``) for the evaluation of the demo
 pair; ``docs/transfer.md`` has the measured numbers.
@@ -89,7 +99,7 @@ _SAMPLES_KEPT = 3
 
 __all__ = [
     "Condition", "TransferEvaluation", "evaluate_transfer", "default_profile_prompts", "default_site",
-    "evaluation_prompts", "random_adapter_like",
+    "evaluation_prompts", "fit_paste_converters", "random_adapter_like", "PASTE_LAMBDAS",
 ]
 
 
@@ -234,15 +244,13 @@ class TransferEvaluation:
 
     # ------------------------------------------------------------- reading
     def summary_lines(self) -> list[str]:
-        c, r = self.conditions, self.ratios
-        lines = [
-            f"Command-V {self.kind}: {self.donor} {self.donor_site} → {self.recipient} {self.recipient_site} "
-            f"(toward {self.target_genre}, coefficient {self.coef:g}, profile positions {self.positions})",
-        ]
+        c, r, d, k = self.conditions, self.ratios, self.diagnostics, self.compute
+        lines = [f"Command-V {self.kind}: {self.donor} {self.donor_site} → {self.recipient} {self.recipient_site} "
+                 f"(toward {self.target_genre}, coefficient {self.coef:g}, profile positions {self.positions})"]
         if self.donor_conditions:
             dn, de = self.donor_conditions["none"], self.donor_conditions["edited"]
-            lines.append(f"  in the donor: rate {dn.rate:.3f} → {de.rate:.3f} (effect {de.effect:+.3f} ± {de.effect_se:.3f}), "
-                         f"perplexity {dn.perplexity:.1f} → {de.perplexity:.1f}")
+            lines.append(f"  in the donor: rate {dn.rate:.3f} → {de.rate:.3f} (effect {de.effect:+.3f} ± "
+                         f"{de.effect_se:.3f}), perplexity {dn.perplexity:.1f} → {de.perplexity:.1f}")
         lines.append(f"  recipient ({c['none'].n} continuations per condition; random pooled over "
                      f"{self.settings.get('n_random', N_RANDOM)} draws):")
         for name in CONDITIONS:
@@ -250,31 +258,28 @@ class TransferEvaluation:
             eff = "" if name == "none" else f"  effect {x.effect:+.3f} ± {x.effect_se:.3f}"
             lines.append(f"    {name:<7} rate {x.rate:.3f} ± {x.rate_se:.3f}{eff}  perplexity {x.perplexity:.1f} "
                          f"({x.perplexity / c['none'].perplexity:.2f}× none)")
-        lo, hi = r["pasted_over_direct_ci"]
-        rlo, rhi = r["random_over_direct_ci"]
-        lines.append(f"  pasted/direct effect {r['pasted_over_direct']:.2f} (95% bootstrap {lo:.2f}–{hi:.2f}; target ≥ "
-                     f"{TARGET_PASTED:g})")
-        lines.append(f"  random/direct effect {r['random_over_direct']:+.2f} (95% bootstrap {rlo:+.2f}–{rhi:+.2f}; target ≤ "
-                     f"{TARGET_RANDOM:g})")
-        pair = next((p for p in self.converters if f"resid.{p['donor_layer']}" == self.donor_site), None)
-        if pair:
-            lines.append(f"  converter {self.donor_site}↔{self.recipient_site}: held-out R² {pair['r2_to_donor']:.3f} (R→D), "
-                         f"{pair['r2_to_recipient']:.3f} (D→R)")
+        for key, sign, target, relation in (("pasted", "", TARGET_PASTED, "≥"), ("random", "+", TARGET_RANDOM, "≤")):
+            lo, hi = r[f"{key}_over_direct_ci"]
+            lines.append(f"  {key}/direct effect {r[f'{key}_over_direct']:{sign}.2f} (95% bootstrap {lo:{sign}.2f}–"
+                         f"{hi:{sign}.2f}; target {relation} {target:g})")
         lines.append("  held-out R² (R→D / D→R) per pair: " + ", ".join(
             f"{p['donor_layer']}:{p['recipient_layer']} {p['r2_to_donor']:.2f}/{p['r2_to_recipient']:.2f}"
-            for p in self.converters))
-        d = self.diagnostics
+            for p in self.converters) + f" (λ of the used pair: {self._pair_lambda()})")
         if "cosine_pasted_direct" in d:
             lines.append(f"  pasted vs direct vector: cosine {d['cosine_pasted_direct']:.3f}, norm ratio "
                          f"{d['norm_ratio_pasted_direct']:.2f}")
-        lines.append(f"  |Δ|/|h| on the profile rows: donor {d['donor_rel_change']:.3f}, pasted {d['pasted_rel_change']:.3f}, "
-                     f"direct {d['direct_rel_change']:.3f}")
-        k = self.compute
+        lines.append(f"  |Δ|/|h| on the profile rows: donor {d['donor_rel_change']:.3f}, pasted "
+                     f"{d['pasted_rel_change']:.3f}, direct {d['direct_rel_change']:.3f}")
         lines.append(f"  compute: paste {k['paste_seconds']:.1f} s (profiles {k['profile_seconds']:.1f} s, converters "
-                     f"{k['converter_fit_seconds']:.2f} s, paste {k['paste_only_seconds'] * 1e3:.1f} ms; ≈{k['paste_gflop']:.1f} "
-                     f"GFLOP) vs direct {k['direct_method']} {k['direct_seconds']:.1f} s (≈{k['direct_gflop']:.1f} GFLOP)")
+                     f"{k['converter_fit_seconds']:.2f} s, paste {k['paste_only_seconds'] * 1e3:.1f} ms; "
+                     f"≈{k['paste_gflop']:.0f} GFLOP) vs direct {k['direct_method']} {k['direct_seconds']:.1f} s "
+                     f"(≈{k['direct_gflop']:.0f} GFLOP)")
         lines.append(f"  total {self.seconds:.1f} s")
         return lines
+
+    def _pair_lambda(self) -> str:
+        pair = next((p for p in self.converters if f"resid.{p['donor_layer']}" == self.donor_site), None)
+        return "?" if pair is None else f"{pair['lambda_to_donor']:g} R→D, {pair['lambda_to_recipient']:g} D→R"
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable({
@@ -448,19 +453,28 @@ def _adapter_flops(model, data, adapter: LowRankAdapter, batch_size: int, steps:
 
 
 # ------------------------------------------------------------------------------------ the run
-def _fit_converters(d_prof, r_prof, lambdas: Sequence[float] | None):
-    """``fit_converters`` (λ from its grid by held-out error), or the same fit restricted to ``lambdas``."""
+def fit_paste_converters(d_prof, r_prof, lambdas: Sequence[float] | None = PASTE_LAMBDAS, *,
+                         layer_map: dict[int, int] | None = None):
+    """``fit_converters`` with the ridge λ chosen (by held-out error, as there) from ``lambdas`` only —
+    by default λ ≥ 0.1 (``PASTE_LAMBDAS``); ``lambdas=None`` is ``fit_converters`` itself.
+
+    Why: with all-token profiles the held-out error picks λ ≈ 1e-4, which predicts activations best
+    but gives large gains to donor directions the profile barely varies in. A steering vector (a
+    high-variance direction) does not care; a trained adapter's edit partly lies in such directions,
+    and pasted through those converters it becomes a large, unrelated edit (demo pair: |Δ|/|h| 0.54
+    instead of the donor's 0.30, genre effect gone, perplexity ×1.37). See docs/transfer.md.
+    """
     from actlab.transfer.converters import ConverterSet, fit_converters, fit_linear_map, match_layers_by_depth
 
     if lambdas is None:
-        return fit_converters(d_prof, r_prof)
+        return fit_converters(d_prof, r_prof, layer_map=layer_map)
     lambdas = [float(x) for x in lambdas]
     if not lambdas or any(not math.isfinite(x) or x <= 0 for x in lambdas):
         raise ActlabError(f"converter_lambdas must be positive numbers, not {lambdas}")
     if d_prof.prompts_hash != r_prof.prompts_hash or d_prof.positions != r_prof.positions or \
             not torch.equal(d_prof.row_prompt, r_prof.row_prompt):
         fit_converters(d_prof, r_prof)  # raises the explanation
-    mapping = match_layers_by_depth(d_prof.n_layers, r_prof.n_layers)
+    mapping = dict(layer_map) if layer_map else match_layers_by_depth(d_prof.n_layers, r_prof.n_layers)
     t = time.perf_counter()
     to_donor = {d: fit_linear_map(r_prof.acts[r], d_prof.acts[d], lambdas=lambdas) for d, r in mapping.items()}
     to_recipient = {d: fit_linear_map(d_prof.acts[d], r_prof.acts[r], lambdas=lambdas) for d, r in mapping.items()}
@@ -525,6 +539,8 @@ def evaluate_transfer(
         raise ActlabError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
     if positions not in ("all", "last"):
         raise ActlabError(f"positions must be 'all' or 'last', not {positions!r}")
+    if n_random < 1:
+        raise ActlabError(f"n_random must be at least 1, not {n_random}")
     for m in (donor, recipient):
         if not m.is_causal:
             raise ActlabError(f"{m.name} cannot generate text: the transfer evaluation needs causal language models")
@@ -570,7 +586,7 @@ def evaluate_transfer(
         r_prof = profile(recipient)
         r_prof_seconds = time.perf_counter() - t
         bar.advance()
-        converters = _fit_converters(d_prof, r_prof, converter_lambdas)
+        converters = fit_paste_converters(d_prof, r_prof, converter_lambdas)
         bar.advance()
         t = time.perf_counter()
         pasted = paste(donor_edit, converters, recipient)
@@ -594,8 +610,6 @@ def evaluate_transfer(
         h_r = r_prof.acts[r_layer]
         target_size = _mean_delta_norm(pasted, h_r)
         randoms, raw_sizes = [], []
-        if n_random < 1:
-            raise ActlabError(f"n_random must be at least 1, not {n_random}")
         for j in range((n_random + 1) // 2):
             rnd = paste(_random_in_donor(donor_edit, seed + 7919 * (j + 1)), converters, recipient)
             size = _mean_delta_norm(rnd, h_r)
@@ -651,10 +665,10 @@ def evaluate_transfer(
         diagnostics |= {"donor_adapter": _adapter_summary(donor_edit), "direct_adapter": _adapter_summary(direct)}
 
     # compute
-    paste_flops = 2.0 * _n_params(donor) * _n_tokens(donor, profile_prompts) \
-        + 2.0 * _n_params(recipient) * _n_tokens(recipient, profile_prompts) + _converter_flops(converters, d_prof, r_prof)
+    profile_flops = sum(2.0 * _n_params(m) * _n_tokens(m, profile_prompts) for m in (donor, recipient))
+    paste_flops = profile_flops + _converter_flops(converters, d_prof, r_prof)
     if kind == "vector":
-        texts = [p + x for p, x in zip(contrast.prompts, contrast.pos)] + [p + x for p, x in zip(contrast.prompts, contrast.neg)]
+        texts = [p + x for side in (contrast.pos, contrast.neg) for p, x in zip(contrast.prompts, side)]
         direct_flops = 2.0 * _n_params(recipient) * _n_tokens(recipient, texts)
     else:
         direct_flops = _adapter_flops(recipient, adapter_data, direct, adapter_batch_size, steps)
@@ -665,7 +679,7 @@ def evaluate_transfer(
         "profile_prompts": len(profile_prompts), "profile_cached": cache_dir is not None,
         "converter_fit_seconds": converters.fit_seconds, "paste_only_seconds": paste_only_seconds,
         "paste_seconds": profile_seconds + converters.fit_seconds + paste_only_seconds,
-        "paste_gflop": paste_flops / 1e9, "donor_fit_seconds": donor_fit_seconds,
+        "paste_gflop": paste_flops / 1e9, "profile_gflop": profile_flops / 1e9, "donor_fit_seconds": donor_fit_seconds,
         "direct_method": direct_method, "direct_seconds": direct_seconds, "direct_gflop": direct_flops / 1e9,
         "threads": torch.get_num_threads(),
         "note": "FLOPs ≈ 2·params per token forward (+2·params backward for adapter training, weights frozen) "
@@ -675,7 +689,7 @@ def evaluate_transfer(
         "n_eval_prompts": len(prompts), "samples_per_prompt": samples_per_prompt, "max_new_tokens": max_new_tokens,
         "temperature": 1.0, "seed": seed, "n_fit_pairs": len(contrast.pos), "n_neutral": len(setup.neutral_texts),
         "n_random": n_random, "random_control": "made in the donor (same norms), pasted, rescaled to the pasted "
-        "edit's mean |Δ| on the recipient profile rows", "eval_prompts": "given" if eval_prompts is not None else
+        "edit's mean |Δ| on the recipient profile rows; antithetic pairs (r, −r)", "eval_prompts": "given" if eval_prompts is not None else
         "held-out contrast-pair prompts", "layer_map": converters.layer_map, "notes": notes,
     }
     if kind == "adapter":
@@ -690,9 +704,10 @@ def evaluate_transfer(
 
 def _adapter_summary(adapter: LowRankAdapter) -> dict[str, Any]:
     p = adapter.params
-    return {"rank": adapter.rank, "W_minus_R_norm": float((adapter.W - adapter.R).norm()), "b_norm": float(adapter.b.norm()),
-            "steps_run": p.get("steps_run"), "best_step": p.get("best_step"), "val_loss_before": p.get("val_loss_before"),
-            "val_loss": p.get("val_loss"), "train_seconds": p.get("train_seconds")}
+    return {"rank": adapter.rank, "W_minus_R_norm": float((adapter.W - adapter.R).norm()),
+            "b_norm": float(adapter.b.norm()), "steps_run": p.get("steps_run"), "best_step": p.get("best_step"),
+            "val_loss_before": p.get("val_loss_before"), "val_loss": p.get("val_loss"),
+            "train_seconds": p.get("train_seconds")}
 
 
 # ------------------------------------------------------------------------------------- script
