@@ -2,7 +2,7 @@
 
 The slow tests run ``actlab.transfer.evaluate.evaluate_transfer`` on demo-llama (donor, 4 × 256) →
 demo-gpt2 (recipient, 6 × 192) and back. Numbers measured with the defaults used here (docs/transfer.md,
-`python -m actlab.transfer.evaluate --kind vector`, torch 2.13 CPU, one thread): see the comments.
+`actlab paste eval --kind vector`, torch 2.13 CPU, one thread): see the comments.
 """
 
 from __future__ import annotations

@@ -418,6 +418,8 @@ def paste_run(
     positions: str = typer.Option("last", help="Profile positions: last or all."),
     cache_dir: Path = typer.Option(Path(".actlab-cache"), help="Where profiles are cached between runs."),
     converters_out: Optional[Path] = typer.Option(None, help="Also save the fitted converters here."),
+    min_lambda: float = typer.Option(0.1, help="Floor on the ridge λ chosen by held-out error (0.1 keeps pasted adapters "
+                                          "from amplifying directions the profile barely varies in; 0 = pure held-out choice)."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ):
@@ -431,7 +433,7 @@ def paste_run(
     d_prof = cached_profile(d_model, texts, positions=positions, cache_dir=cache_dir, progress=True)
     r_prof = cached_profile(r_model, texts, positions=positions, cache_dir=cache_dir, progress=True)
     mapping = parse_layer_map(layer_map, d_model.n_layers, r_model.n_layers) if layer_map else None
-    converters = fit_converters(d_prof, r_prof, layer_map=mapping)
+    converters = fit_converters(d_prof, r_prof, layer_map=mapping, min_lambda=min_lambda)
     if converters_out is not None:
         converters.save(converters_out)
     pasted = paste(donor_edit, converters, r_model)
@@ -445,6 +447,39 @@ def paste_run(
                       f"{row['r2_to_recipient']:.3f}", f"{row['donor_rel_norm']:.3f}", f"{row['recipient_rel_norm']:.3f}")
     console.print(table)
     console.print(f"[green]wrote[/] {out}: apply it with `actlab generate {recipient} PROMPT --edit {out}:1.0`")
+
+
+@paste_app.command("eval")
+@friendly
+def paste_eval(
+    donor: str = typer.Option("demo-llama", help="Donor model."),
+    recipient: str = typer.Option("demo-gpt2", help="Recipient model."),
+    kind: str = typer.Option("vector", help="What to make in the donor and paste: vector (mean-diff) or adapter (trained)."),
+    genre: str = typer.Option("scripture", help="Target genre of the behaviour."),
+    site: Optional[str] = typer.Option(None, help="Donor site (default: the middle layer)."),
+    coef: Optional[float] = typer.Option(None, help="Coefficient (default 0.5 for vectors, 1 for adapters)."),
+    positions: str = typer.Option("all", help="Profile rows: all tokens (same tokenizer) or last token."),
+    lambdas: str = typer.Option("paste", help="Converter ridge grid: paste (λ ≥ 0.1), auto (full grid) or numbers."),
+    prompts: int = typer.Option(80, help="Held-out prompts continued per condition."),
+    samples: int = typer.Option(4, help="Samples per prompt."),
+    tokens: int = typer.Option(24, help="New tokens per continuation."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for the JSON result and the bar chart."),
+    name: Optional[str] = typer.Option(None, help="File stem under --out."),
+):
+    """Validate Command-V: genre rate of the recipient with the pasted intervention vs its own directly fitted one
+    vs a pasted random one vs none, with perplexity, converter R² and compute."""
+    import actlab
+    from actlab.transfer.evaluate import evaluate_transfer, parse_lambdas, write_result
+
+    result = evaluate_transfer(actlab.load(donor), actlab.load(recipient), kind=kind, target_genre=genre, donor_site=site,
+                               coef=coef, positions=positions, n_eval_prompts=prompts, samples_per_prompt=samples,
+                               max_new_tokens=tokens, converter_lambdas=parse_lambdas(lambdas), seed=seed, progress=True)
+    for line in result.summary_lines():
+        console.print(line)
+    if out is not None:
+        paths = write_result(result, out, name)
+        console.print(f"[green]wrote[/] {', '.join(str(p) for p in paths)}")
 
 
 def main() -> None:  # pragma: no cover

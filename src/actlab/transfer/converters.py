@@ -190,8 +190,20 @@ def fit_converters(
     center: bool = True,
     holdout: float = 0.2,
     seed: int = 0,
+    lambdas: Sequence[float] | None = None,
+    min_lambda: float = 0.0,
 ) -> ConverterSet:
-    """Fit C(R→D) and C(D→R) for every matched layer pair (relative depth unless ``layer_map``)."""
+    """Fit C(R→D) and C(D→R) for every matched layer pair (relative depth unless ``layer_map``).
+
+    λ is chosen per pair by held-out error from ``lambdas`` (default ``LAMBDA_GRID``) restricted to
+    values ≥ ``min_lambda``. For pasting trained adapters a floor of 0.1 matters: the held-out error
+    alone picks λ ≈ 1e-4 on all-token profiles, which predicts activations best but amplifies donor
+    directions the profile barely varies in (see docs/transfer.md); ``actlab paste run`` uses 0.1.
+    """
+    grid = [float(x) for x in (lambdas if lambdas is not None else LAMBDA_GRID)]
+    if any(not (x > 0) or x != x or x == float("inf") for x in grid) or min_lambda < 0:
+        raise ActlabError(f"ridge λ values must be positive and finite, not {grid} (min_lambda {min_lambda})")
+    grid = [x for x in grid if x >= min_lambda] or [float(min_lambda)]
     if donor.prompts_hash != recipient.prompts_hash:
         raise ActlabError("the two profiles were made on different prompts; profile both models on the same prompt file")
     if donor.positions != recipient.positions:
@@ -205,8 +217,10 @@ def fit_converters(
     for d, r in mapping.items():
         if d not in donor.acts or r not in recipient.acts:
             raise ActlabError(f"layer pair {d}:{r} is outside the profiles ({donor.n_layers} and {recipient.n_layers} layers)")
-        to_donor[d] = fit_linear_map(recipient.acts[r], donor.acts[d], center=center, holdout=holdout, seed=seed)
-        to_recipient[d] = fit_linear_map(donor.acts[d], recipient.acts[r], center=center, holdout=holdout, seed=seed)
+        to_donor[d] = fit_linear_map(recipient.acts[r], donor.acts[d], center=center, holdout=holdout, seed=seed,
+                                     lambdas=grid)
+        to_recipient[d] = fit_linear_map(donor.acts[d], recipient.acts[r], center=center, holdout=holdout, seed=seed,
+                                         lambdas=grid)
     return ConverterSet(layer_map=dict(mapping), to_donor=to_donor, to_recipient=to_recipient, donor=donor.model,
                         recipient=recipient.model, prompts_hash=donor.prompts_hash,
-                        fit_seconds=time.perf_counter() - start)
+                        fit_seconds=time.perf_counter() - start, extra={"lambda_grid": grid})

@@ -52,7 +52,7 @@ nearest one half (ties: the shallower) — ``resid.1`` of demo-llama (4 layers),
 demo-llama. Middle layers carry the genre in both models (a layer sweep steers from every layer) and
 their converters fit as well as any (held-out R² ≈ 0.7–0.8).
 
-Run ``python -m actlab.transfer.evaluate --kind vector`` (or ``adapter``) for the evaluation of the demo
+Run ``actlab paste eval --kind vector`` (or ``adapter``) for the evaluation of the demo
 pair; ``docs/transfer.md`` has the measured numbers.
 """
 
@@ -464,23 +464,9 @@ def fit_paste_converters(d_prof, r_prof, lambdas: Sequence[float] | None = PASTE
     and pasted through those converters it becomes a large, unrelated edit (demo pair: |Δ|/|h| 0.54
     instead of the donor's 0.30, genre effect gone, perplexity ×1.37). See docs/transfer.md.
     """
-    from actlab.transfer.converters import ConverterSet, fit_converters, fit_linear_map, match_layers_by_depth
+    from actlab.transfer.converters import fit_converters
 
-    if lambdas is None:
-        return fit_converters(d_prof, r_prof, layer_map=layer_map)
-    lambdas = [float(x) for x in lambdas]
-    if not lambdas or any(not math.isfinite(x) or x <= 0 for x in lambdas):
-        raise ActlabError(f"converter_lambdas must be positive numbers, not {lambdas}")
-    if d_prof.prompts_hash != r_prof.prompts_hash or d_prof.positions != r_prof.positions or \
-            not torch.equal(d_prof.row_prompt, r_prof.row_prompt):
-        fit_converters(d_prof, r_prof)  # raises the explanation
-    mapping = dict(layer_map) if layer_map else match_layers_by_depth(d_prof.n_layers, r_prof.n_layers)
-    t = time.perf_counter()
-    to_donor = {d: fit_linear_map(r_prof.acts[r], d_prof.acts[d], lambdas=lambdas) for d, r in mapping.items()}
-    to_recipient = {d: fit_linear_map(d_prof.acts[d], r_prof.acts[r], lambdas=lambdas) for d, r in mapping.items()}
-    return ConverterSet(layer_map=mapping, to_donor=to_donor, to_recipient=to_recipient, donor=d_prof.model,
-                        recipient=r_prof.model, prompts_hash=d_prof.prompts_hash, fit_seconds=time.perf_counter() - t,
-                        extra={"lambdas": lambdas})
+    return fit_converters(d_prof, r_prof, layer_map=layer_map, lambdas=lambdas)
 
 
 def _same_tokens(donor, recipient, prompts: Sequence[str]) -> bool:
@@ -711,56 +697,26 @@ def _adapter_summary(adapter: LowRankAdapter) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------- script
-def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
-
-    import actlab
-
-    parser = argparse.ArgumentParser(prog="python -m actlab.transfer.evaluate",
-                                     description="Command-V validation: paste a genre-steering intervention from "
-                                                 "a donor into a recipient and compare it with the recipient's own.")
-    parser.add_argument("--donor", default="demo-llama")
-    parser.add_argument("--recipient", default="demo-gpt2")
-    parser.add_argument("--kind", default="vector", choices=KINDS)
-    parser.add_argument("--genre", default=DEFAULT_GENRE)
-    parser.add_argument("--site", default=None, help="donor site (default: the middle layer)")
-    parser.add_argument("--coef", type=float, default=None)
-    parser.add_argument("--positions", default=DEFAULT_POSITIONS, choices=("all", "last"))
-    parser.add_argument("--lambdas", default="paste",
-                        help="converter ridge grid: 'paste' (λ ≥ 0.1, the default), 'auto' (fit_converters' own grid, "
-                             "as `actlab paste run`) or numbers separated by commas")
-    parser.add_argument("--prompts", type=int, default=DEFAULT_EVAL_PROMPTS)
-    parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
-    parser.add_argument("--tokens", type=int, default=DEFAULT_NEW_TOKENS)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=None, help="directory for the JSON result and the bar chart (PNG)")
-    parser.add_argument("--name", default=None, help="file stem under --out (default transfer_KIND_DONOR_to_RECIPIENT)")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.lambdas == "paste":
-        lambdas = PASTE_LAMBDAS
-    elif args.lambdas == "auto":
-        lambdas = None
-    else:
-        try:
-            lambdas = [float(x) for x in args.lambdas.split(",") if x.strip()]
-        except ValueError:
-            raise SystemExit(f"--lambdas expects paste, auto or numbers separated by commas, not {args.lambdas!r}") from None
-    result = evaluate_transfer(actlab.load(args.donor), actlab.load(args.recipient), kind=args.kind,
-                               target_genre=args.genre, donor_site=args.site, coef=args.coef, positions=args.positions,
-                               n_eval_prompts=args.prompts, samples_per_prompt=args.samples,
-                               max_new_tokens=args.tokens, converter_lambdas=lambdas, seed=args.seed,
-                               progress=not args.no_progress)
-    print("\n".join(result.summary_lines()))
-    if args.out:
-        out = Path(args.out)
-        stem = args.name or f"transfer_{args.kind}_{args.donor}_to_{args.recipient}"
-        result.save(out / f"{stem}.json")
-        result.figure(out / f"{stem}.png")
-        print(f"wrote {out}/{stem}.json and .png")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
+def parse_lambdas(text: str) -> Sequence[float] | None:
+    """``paste`` (λ ≥ 0.1), ``auto`` (fit_converters' own grid) or numbers separated by commas."""
+    if text == "paste":
+        return PASTE_LAMBDAS
+    if text == "auto":
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ActlabError(f"--lambdas expects paste, auto or numbers separated by commas, not {text!r}") from None
+
+
+def write_result(result: "TransferEvaluation", out: str | Path, name: str | None = None) -> list[Path]:
+    """``{name}.json`` and ``{name}.png`` under ``out``."""
+    out = Path(out)
+    stem = name or f"transfer_{result.kind}_{result.donor}_to_{result.recipient}"
+    paths = [out / f"{stem}.json", out / f"{stem}.png"]
+    result.save(paths[0])
+    result.figure(paths[1])
+    return paths
+
