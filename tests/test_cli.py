@@ -85,3 +85,56 @@ def test_empty_and_binary_files(tmp_path):
     binary.write_bytes(b"hello\n\xff\xfe world\n")
     result = runner.invoke(app, ["stats", "demo-gpt2", "--data", str(binary)])
     assert result.exit_code == 2 and "utf-8" in result.output.lower()
+
+
+PAIRS = Path(__file__).resolve().parents[1] / "src/actlab/datasets/genres/contrast_pairs.jsonl"
+
+
+@pytest.mark.slow
+def test_steer_fit_paste_run_generate(tmp_path):
+    """The Command-V path from the command line: fit in the donor, paste, apply in the recipient."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(PAIRS.read_text().splitlines()[:32]) + "\n")
+    vec = tmp_path / "vec.safetensors"
+    assert invoke("steer", "fit", "demo-llama", "--pos", pairs, "--site", "resid.1", "-o", vec).exit_code == 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"Prompt number {i} about {w}" for i, w in enumerate(["law", "code", "jokes"] * 30)))
+    pasted = tmp_path / "pasted.safetensors"
+    result = invoke("paste", "run", "--donor", "demo-llama", "--recipient", "demo-gpt2", "--intervention", vec,
+                    "-o", pasted, "--prompts", prompts, "--cache-dir", tmp_path / "cache")
+    assert result.exit_code == 0, result.output
+    assert "resid.2" in result.output  # relative depth: llama block 1 of 4 -> gpt2 block 2 of 6
+    from actlab.interventions import load_interventions
+    import actlab
+
+    recipient = actlab.load("demo-gpt2")
+    edit = load_interventions(pasted, recipient)
+    assert edit.site == "resid.2" and edit.width == 192
+    assert invoke("generate", "demo-gpt2", "In the beginning", "--edit", f"{pasted}:0.5",
+                  "--max-new-tokens", "6").exit_code == 0
+    refused = runner.invoke(app, ["generate", "demo-gpt2", "x", "--edit", f"{vec}:1"])
+    assert refused.exit_code == 2 and "paste" in refused.output
+
+
+@pytest.mark.slow
+def test_adapter_train_writes_a_working_adapter(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    rows = [json.loads(line) for line in PAIRS.read_text().splitlines()[:24]]
+    data.write_text("\n".join(json.dumps({"prompt": r["prompt"], "completion": r["pos"]}) for r in rows) + "\n")
+    out = tmp_path / "adapter.safetensors"
+    result = invoke("adapter", "train", "demo-llama", "--data", data, "--site", "resid.1", "--rank", "2",
+                    "--steps", "10", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "validation loss" in result.output and out.is_file()
+
+
+@pytest.mark.slow
+def test_demo_tour_quick(tmp_path):
+    """What `make demo` runs, in its quick form: every step and the combined report."""
+    result = invoke("demo", "--quick", "--out", tmp_path / "demo")
+    assert result.exit_code == 0, result.output[-3000:]
+    page = (tmp_path / "demo" / "report.html").read_text()
+    for fragment in ("Steering demo-llama", "Pasting the vector into demo-gpt2", "Profile of demo-llama",
+                     "Profile of demo-gpt2"):
+        assert fragment in page
+    assert (tmp_path / "demo" / "profile-demo-gpt2" / "report.html").is_file()

@@ -105,10 +105,12 @@ def run_tour(
         console.print(table)
 
     say(f"3/5  steer {donor.name} toward {GENRE}")
+    from actlab.transfer.evaluate import DEFAULT_VECTOR_COEF, default_site
+
     setup = genre_setup(GENRE, n_prompts=8 if quick else 16)
-    site = "resid.2"
+    site = default_site(donor)  # the vector pasted in step 4 is fitted the same way at the same layer
     vector = fit_steering(donor, setup.contrast, site, method="mean-diff")[site]
-    coef = 1.0
+    coef = DEFAULT_VECTOR_COEF
     shown = setup.prompts[:3]
     torch.manual_seed(0)
     plain = donor.generate(shown, max_new_tokens=24, do_sample=True, seed=0)
@@ -116,7 +118,7 @@ def run_tour(
         steered = donor.generate(shown, max_new_tokens=24, do_sample=True, seed=0)
     steer_rows = _generations_table(console, f"{donor.name}: plain vs steered (mean-diff at {site}, ×{coef:g})", shown,
                                     {"plain": plain, f"steered ×{coef:g}": steered})
-    coefs = (-1.0, 0.0, 0.5, 1.0, 2.0) if quick else (-2.0, -1.0, 0.0, 0.5, 1.0, 2.0)
+    coefs = (-1.0, 0.0, 0.5, 1.0, 2.0) if quick else (-2.0, -1.0, 0.0, 0.25, 0.5, 1.0, 2.0)
     dose = dose_response(donor, {"mean-diff": vector}, coefs, target_genre=GENRE, prompts=setup.prompts,
                          neutral_texts=setup.neutral_texts, progress=True)
     console.print(dose.table())
@@ -155,9 +157,16 @@ def run_tour(
         rows=(["condition", "genre rate", "perplexity", "effect"],
               [[n, round(c[n].rate, 3), round(c[n].perplexity, 1), round(c[n].effect, 3)] for n in c]))
     results = [steer_section, transfer_section]
+    for name, run in profiles.items():  # each profile's headlines join the summary table
+        results.append(Section(
+            key=f"profile-{name}", title=f"Profile of {name}",
+            explanation=f"Every analysis of {name} follows at the end of this page; the stand-alone report is "
+                        f"profile-{name}/report.html.",
+            headline_text=" · ".join(r.headline() for r in run.results[:3]), data=run.to_dict()["summary"],
+            rows=(["analysis", "headline"], [[r.title, r.headline()] for r in run.results])))
     profile_sections = []
     for name, run in profiles.items():
-        profile_sections.append(f"<h1 id='profile-{name}'>Profile of {name}</h1>"
+        profile_sections.append(f"<h1 id='profile-{name}-details'>Profile of {name}: every analysis</h1>"
                                 f"<p><a href='profile-{name}/report.html'>full report</a></p>")
         profile_sections.extend(render_section(r) for r in run.results)
     seconds = time.perf_counter() - start
