@@ -103,7 +103,7 @@ def main() -> None:
         "record resid.* to store": store, "stats resid.* + mlp.hidden.*": stats,
     }, args.repeats)
     rows = list(medians.items())
-    (base_w, base_c), (head_w, head_c) = rows[0][1], rows[1][1]
+    (base_w, base_c), (_, head_c) = rows[0][1], rows[1][1]
     print(f"{'variant':36s} {'wall ms':>8s} {'CPU ms':>8s} {'CPU vs plain':>13s} {'CPU vs no-head':>15s} {'wall vs plain':>14s}")
     for name, (wall, cpu) in rows:
         print(f"{name:36s} {wall * 1e3:8.1f} {cpu * 1e3:8.1f} {cpu / base_c:12.3f}x {cpu / head_c:14.3f}x "

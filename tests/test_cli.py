@@ -1,9 +1,6 @@
 """The CLI is a thin shell: each command runs end to end on a demo model and bad input is one clear line."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

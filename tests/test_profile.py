@@ -18,7 +18,7 @@ from test_report import chromium_binary, loaded_images
 @pytest.mark.skipif("demo-llama" not in zoo_models(), reason="demo models are not in the zoo")
 def test_profile_demo_model_writes_report_and_json(tmp_path):
     model = actlab.load("demo-llama")
-    docs = actlab.datasets.default_prompts()[:120] if hasattr(actlab, "datasets") else None
+    docs = actlab.datasets.default_prompts()[:120]
     run = run_profile(model, docs, out_dir=tmp_path, reservoir_size=2048)
     data = json.loads((tmp_path / "profile.json").read_text())
     assert set(data["summary"]) == {r.key for r in run.results} and len(run.results) == 8
@@ -33,6 +33,7 @@ def test_profile_demo_model_writes_report_and_json(tmp_path):
 def test_profile_real_encoder_skips_lm_head_analyses(minilm, tmp_path):
     texts = ["The cat sat on the mat.", "Encoders have no LM head.", "Statistics still work."] * 8
     run = run_profile(minilm, texts, eval_texts=texts[:4], out_dir=tmp_path, reservoir_size=512)
+    assert run.meta["n_tokens"] > 100 and run.meta["model"]["model_class"] == "BertModel"
     summary = json.loads((tmp_path / "profile.json").read_text())["summary"]
     for key in ("ppl_sparsity", "lenses", "readout"):
         assert summary[key] == "skipped", key

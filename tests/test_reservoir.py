@@ -28,7 +28,7 @@ def test_reservoir_is_bounded_aligned_and_uniform():
 
 
 def test_reservoir_merge_keeps_the_smallest_keys():
-    a, b, whole = Reservoir(50, seed=1), Reservoir(50, seed=2), Reservoir(50, seed=3)
+    a, b = Reservoir(50, seed=1), Reservoir(50, seed=2)
     a.consume(_batch(0, 300))
     b.consume(_batch(300, 300))
     keys = torch.cat([a.keys, b.keys])

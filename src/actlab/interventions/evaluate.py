@@ -34,7 +34,6 @@ evaluation on a demo model.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -43,11 +42,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from actlab.engine.edits import check_finite
 from actlab.engine.progress import progress_bar
 from actlab.errors import ActlabError
+from actlab.report.serialize import save_figure, to_jsonable, write_json
 from actlab.interventions.base import Composition, Intervention
 from actlab.interventions.contrast import ContrastSet
 from actlab.interventions.fit import fit_steering, random_like
@@ -212,7 +211,7 @@ class DoseResponse:
 
     # -------------------------------------------------------------- files
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable({
+        return to_jsonable({
             "kind": "dose_response", "model": self.model, "target_genre": self.target_genre, "coefs": self.coefs,
             "baseline": asdict(self.baseline), "settings": self.settings,
             "curves": {name: asdict(curve) for name, curve in self.curves.items()},
@@ -228,10 +227,7 @@ class DoseResponse:
                    baseline=Point(**data["baseline"]), curves=curves, settings=dict(data.get("settings", {})))
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        return write_json(path, self.to_dict())
 
     def figure(self, path: str | Path | None = None):
         """Two panels: target-genre rate vs coefficient per method (random control dashed), and
@@ -252,10 +248,7 @@ class DoseResponse:
         ax_ppl.axhline(self.baseline.perplexity, color="black", linewidth=0.6)
         ax_ppl.set(xlabel="coefficient", ylabel="neutral perplexity", yscale="log", title="cost: neutral perplexity")
         ax_rate.legend(fontsize=8)
-        if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(str(path), dpi=110)
-        return fig
+        return save_figure(fig, path)
 
 
 @dataclass
@@ -315,7 +308,7 @@ class LayerSweep:
         return "\n".join(rows)
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable({"kind": "layer_sweep", "model": self.model, "method": self.method, "coef": self.coef,
+        return to_jsonable({"kind": "layer_sweep", "model": self.model, "method": self.method, "coef": self.coef,
                           "target_genre": self.target_genre, "baseline": asdict(self.baseline),
                           "max_ppl_ratio": self.max_ppl_ratio, "settings": self.settings,
                           "layers": [asdict(r) for r in self.layers], "summary": self.summary()})
@@ -327,10 +320,7 @@ class LayerSweep:
                    max_ppl_ratio=data.get("max_ppl_ratio", MAX_PPL_RATIO), settings=dict(data.get("settings", {})))
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        return write_json(path, self.to_dict())
 
     def figure(self, path: str | Path | None = None):
         from matplotlib.figure import Figure
@@ -351,23 +341,9 @@ class LayerSweep:
         ax_ppl.axhline(1.0, color="black", linewidth=0.8)
         ax_ppl.axhline(self.max_ppl_ratio, color="red", linewidth=0.8, linestyle=":")
         ax_ppl.set(xticks=x, xticklabels=labels, ylabel="perplexity / unedited", title="cost")
-        if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(str(path), dpi=110)
-        return fig
+        return save_figure(fig, path)
 
 
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 # ------------------------------------------------------------------------------------ scoring
@@ -746,7 +722,7 @@ def write_evaluation(result: GenreEvaluation, out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "evaluation.json", out / "dose_response.png"]
-    paths[0].write_text(json.dumps(_jsonable(result.to_dict()), indent=2) + "\n")
+    write_json(paths[0], result.to_dict())
     result.dose.figure(paths[1])
     if result.sweep is not None:
         paths.append(out / "layer_sweep.png")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -103,23 +102,6 @@ def write_report(path: str | Path, title: str, subtitle: str, results: Sequence,
 
 
 def write_json(path: str | Path, data: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, default=_jsonable), encoding="utf-8")
-    return path
+    from actlab.report.serialize import write_json as _write
 
-
-def _jsonable(value):
-    try:
-        import numpy as np
-        import torch
-
-        if isinstance(value, torch.Tensor):
-            return value.tolist()
-        if isinstance(value, np.ndarray):
-            return value.tolist()
-        if isinstance(value, np.generic):
-            return value.item()
-    except ImportError:  # pragma: no cover
-        pass
-    return str(value)
+    return _write(path, data, indent=1)

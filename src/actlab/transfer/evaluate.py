@@ -58,7 +58,6 @@ pair; ``docs/transfer.md`` has the measured numbers.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -71,8 +70,9 @@ import torch
 
 from actlab.engine.progress import progress_bar
 from actlab.errors import ActlabError
-from actlab.interventions.base import Composition, Intervention
-from actlab.interventions.types import AffineMap, LowRankAdapter, SteeringVector
+from actlab.report.serialize import save_figure, to_jsonable, write_json
+from actlab.interventions.base import Intervention
+from actlab.interventions.types import LowRankAdapter, SteeringVector
 
 KINDS = ("vector", "adapter")
 CONDITIONS = ("none", "random", "pasted", "direct")
@@ -282,7 +282,7 @@ class TransferEvaluation:
         return "?" if pair is None else f"{pair['lambda_to_donor']:g} R→D, {pair['lambda_to_recipient']:g} D→R"
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable({
+        return to_jsonable({
             "kind": "transfer_evaluation", "donor": self.donor, "recipient": self.recipient, "intervention": self.kind,
             "target_genre": self.target_genre, "coef": self.coef, "donor_site": self.donor_site,
             "recipient_site": self.recipient_site, "positions": self.positions,
@@ -294,10 +294,7 @@ class TransferEvaluation:
         })
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        return write_json(path, self.to_dict())
 
     def figure(self, path: str | Path | None = None):
         """Bars: target-genre rate of none / random-pasted / pasted / direct (± binomial SE), neutral
@@ -320,23 +317,9 @@ class TransferEvaluation:
                title=f"{self.kind}: {self.donor} {self.donor_site} → {self.recipient} {self.recipient_site}\n"
                      f"pasted/direct {self.pasted_ratio:.2f}, random/direct {self.random_ratio:+.2f}")
         ax.title.set_fontsize(9)
-        if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(str(path), dpi=110)
-        return fig
+        return save_figure(fig, path)
 
 
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if isinstance(value, (np.integer, np.bool_)):
-        return value.item()
-    return value
 
 
 # ------------------------------------------------------------------------------------ scoring
