@@ -296,17 +296,27 @@ def steer_fit(
         result.save(out)
         console.print(f"[green]wrote[/] {out}: affine maps at {', '.join(i.site for i in result)}")
         return
-    vectors = fit_steering(m, contrast, site, method=method, aggregate=aggregate, dims=dims, positions=positions)
-    table = Table(title=f"{method} vectors from {len(contrast.pos)} positive / {len(contrast.neg)} negative examples")
-    for col in ("site", "norm", "|mean diff|", "mean |h|", "file"):
+    names = m.resolve(site)
+    if len(names) == 1:
+        vec = fit_steering(m, contrast, names, method=method, aggregate=aggregate, dims=dims, positions=positions)[names[0]]
+        vec.save(out)
+        console.print(f"[green]wrote[/] {out}: {method} vector at {names[0]}, norm {vec.vector.norm():.3f} "
+                      f"(|mean diff| {vec.params['mean_diff_norm']:.3f}, mean |h| {vec.params['resid_norm']:.3f})")
+        return
+    from actlab.interventions.fit import sweep_layers
+
+    rows = sweep_layers(m, contrast, names, method=method, aggregate=aggregate, dims=dims, positions=positions)
+    table = Table(title=f"layer sweep: {method} vectors fitted on 75% of the contrast set, scored on the rest "
+                        "(gain = rise of log p(pos) − log p(neg) per token at coefficient 1)")
+    for col in ("site", "gain (nats/token)", "norm", "file"):
         table.add_column(col, justify="right")
-    for name, vec in vectors.items():
-        path = out if len(vectors) == 1 else out.with_name(f"{out.stem}.{name}{out.suffix}")
-        vec.save(path)
-        table.add_row(name, f"{vec.vector.norm():.3f}", f"{vec.params['mean_diff_norm']:.3f}", f"{vec.params['resid_norm']:.3f}", str(path))
+    for rank, row in enumerate(rows):
+        path = out if rank == 0 else out.with_name(f"{out.stem}.{row['site']}{out.suffix}")
+        row["vector"].save(path)
+        table.add_row(row["site"] + (" [bold green](best)[/]" if rank == 0 else ""), f"{row['gain']:+.4f}",
+                      f"{row['norm']:.3f}", str(path))
     console.print(table)
-    if len(vectors) > 1:
-        console.print("compare the layers with `actlab steer eval` (it sweeps layers and draws dose-response curves)")
+    console.print(f"best layer {rows[0]['site']} written to {out}; `actlab steer eval` draws genre dose-response curves")
 
 
 @steer_app.command("eval")

@@ -122,3 +122,60 @@ def steering_vector(model, pos: Sequence[str], neg: Sequence[str], site: str, *,
     if len(names) != 1:
         raise ActlabError(f"steering_vector fits one site; '{site}' selects {len(names)} (use fit_steering for a sweep)")
     return fit_steering(model, ContrastSet(list(pos), list(neg)), names, method=method, **kwargs)[names[0]]
+
+
+def contrast_split(contrast: ContrastSet, holdout: float = 0.25, seed: int = 0) -> tuple[ContrastSet, ContrastSet]:
+    """Fit / held-out parts of a contrast set (pairs stay together; unpaired sides split alike)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def split(n: int) -> tuple[list[int], list[int]]:
+        perm = torch.randperm(n, generator=gen).tolist()
+        k = max(1, int(round(n * holdout))) if n >= 4 else 0
+        return sorted(perm[k:]), sorted(perm[:k]) if k else sorted(perm)
+
+    if contrast.paired:
+        fit_idx, held_idx = split(len(contrast.pos))
+        pick = lambda xs, idx: [xs[i] for i in idx]  # noqa: E731
+        return (ContrastSet(pick(contrast.pos, fit_idx), pick(contrast.neg, fit_idx), pick(contrast.prompts, fit_idx)),
+                ContrastSet(pick(contrast.pos, held_idx), pick(contrast.neg, held_idx), pick(contrast.prompts, held_idx)))
+    pf, ph = split(len(contrast.pos))
+    nf, nh = split(len(contrast.neg))
+    return (ContrastSet([contrast.pos[i] for i in pf], [contrast.neg[i] for i in nf]),
+            ContrastSet([contrast.pos[i] for i in ph], [contrast.neg[i] for i in nh]))
+
+
+def preference_gap(model, contrast: ContrastSet, edit=None, batch_size: int = 16) -> float:
+    """Mean log-likelihood per token of the positive examples minus that of the negatives (nats), under ``edit``.
+
+    For pairs only the completions count (given their prompt), so this is how much more the model
+    prefers to continue each prompt the positive way.
+    """
+    from actlab.interventions.adapter_train import _eval_loss, encode_lm_data
+
+    def examples(side):
+        data = list(zip(contrast.prompts, side)) if contrast.paired else list(side)
+        return encode_lm_data(model, data)[1]
+
+    with model.edit(*([edit] if edit is not None else [])):
+        loss_pos = _eval_loss(model, examples(contrast.pos), batch_size, prompt_length_known=contrast.paired)
+        loss_neg = _eval_loss(model, examples(contrast.neg), batch_size, prompt_length_known=contrast.paired)
+    return loss_neg - loss_pos
+
+
+def sweep_layers(model, contrast: ContrastSet, sites: str | Sequence[str] = "resid.*", *, method: Method = "mean-diff",
+                 coef: float = 1.0, holdout: float = 0.25, seed: int = 0, **fit_kwargs) -> list[dict]:
+    """Which layer steers best: fit on part of the contrast set, score on the rest.
+
+    The score is the rise of ``preference_gap`` (positive minus negative log-likelihood per token,
+    on held-out examples) when the layer's vector is added at ``coef``: a model-agnostic measure
+    that needs no classifier. Rows are sorted best first.
+    """
+    fit_part, held = contrast_split(contrast, holdout, seed)
+    vectors = fit_steering(model, fit_part, sites, method=method, **fit_kwargs)
+    base = preference_gap(model, held)
+    rows = []
+    for site, vec in vectors.items():
+        gap = preference_gap(model, held, vec * coef)
+        rows.append({"site": site, "gain": gap - base, "gap": gap, "base_gap": base, "vector": vec,
+                     "norm": float(vec.vector.norm())})
+    return sorted(rows, key=lambda r: -r["gain"])
