@@ -12,11 +12,9 @@ sites is timed there by benchmarks/peer_capture.py and printed beside ours.
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -25,33 +23,15 @@ import transformers as T
 import actlab
 from actlab.stats import StatsSink
 from actlab.store import record
+from timing import BENCH_LLAMA, measure, medians
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench_model(seed: int = 0) -> actlab.Model:
     torch.manual_seed(seed)
-    config = T.LlamaConfig(vocab_size=8192, hidden_size=320, intermediate_size=864, num_hidden_layers=6,
-                           num_attention_heads=5, num_key_value_heads=5, max_position_embeddings=512)
-    hf = T.LlamaForCausalLM(config).eval()
+    hf = T.LlamaForCausalLM(T.LlamaConfig(**BENCH_LLAMA)).eval()
     return actlab.load(hf, tokenizer=None)
-
-
-def interleaved_medians(variants: dict, repeats: int) -> dict[str, tuple[float, float]]:
-    """Median (wall, CPU) seconds per variant, timed round-robin so machine noise hits all alike.
-
-    With one thread, process CPU time leaves out the time other processes hold the core: it is
-    the figure to trust on a shared machine; wall time is printed beside it.
-    """
-    for fn in variants.values():
-        fn()  # warm-up
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            wall, cpu = time.perf_counter(), time.process_time()
-            fn()
-            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
-    return {name: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t)) for name, t in times.items()}
 
 
 def main() -> None:
@@ -97,12 +77,13 @@ def main() -> None:
 
     print(f"model: Llama-shaped, {n_params / 1e6:.1f}M parameters, {len(sites)} resid sites; "
           f"batch {args.batch} x {args.seq} tokens; threads={args.threads}; median of {args.repeats}")
-    medians = interleaved_medians({
+    wall, cpu = measure({
         "plain forward": plain, "plain forward, no LM head": plain_no_head,
         "capture resid.* (model.capture)": capture, "capture resid.* (runner, flat)": runner_capture,
         "record resid.* to store": store, "stats resid.* + mlp.hidden.*": stats,
-    }, args.repeats)
-    rows = list(medians.items())
+    }, args.repeats, warmup=True)
+    wall, cpu = medians(wall), medians(cpu)
+    rows = [(name, (wall[name], cpu[name])) for name in wall]
     (base_w, base_c), (_, head_c) = rows[0][1], rows[1][1]
     print(f"{'variant':36s} {'wall ms':>8s} {'CPU ms':>8s} {'CPU vs plain':>13s} {'CPU vs no-head':>15s} {'wall vs plain':>14s}")
     for name, (wall, cpu) in rows:

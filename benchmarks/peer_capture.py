@@ -8,31 +8,17 @@ capture_overhead.py; each peer's ratio is against a plain forward timed in the s
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
-
-def paired_cpu_medians(plain, capture, repeats: int) -> tuple[float, float]:
-    """Median process CPU seconds of the plain forward and the capture, timed alternately."""
-    plain(), capture()
-    times = {plain: [], capture: []}
-    for _ in range(repeats):
-        for fn in (plain, capture):
-            start = time.process_time()
-            fn()
-            times[fn].append(time.process_time() - start)
-    return statistics.median(times[plain]), statistics.median(times[capture])
+from timing import BENCH_LLAMA, measure, medians
 
 
 def hf_llama():
     import transformers as T
 
     torch.manual_seed(0)
-    config = T.LlamaConfig(vocab_size=8192, hidden_size=320, intermediate_size=864, num_hidden_layers=6,
-                           num_attention_heads=5, num_key_value_heads=5, max_position_embeddings=512)
-    return T.LlamaForCausalLM(config).eval()
+    return T.LlamaForCausalLM(T.LlamaConfig(**BENCH_LLAMA)).eval()
 
 
 def bench_nnsight(ids, repeats):
@@ -52,7 +38,8 @@ def bench_nnsight(ids, repeats):
                 saved.append(layer.output.save())
         return saved
 
-    return paired_cpu_medians(plain, capture, repeats)
+    cpu = medians(measure({"plain": plain, "capture": capture}, repeats, warmup=True)[1])
+    return cpu["plain"], cpu["capture"]
 
 
 def bench_transformer_lens(ids, repeats):
@@ -71,7 +58,8 @@ def bench_transformer_lens(ids, repeats):
         with torch.no_grad():
             model.run_with_cache(ids, names_filter=lambda name: name.endswith("hook_resid_post"))
 
-    return paired_cpu_medians(plain, capture, repeats)
+    cpu = medians(measure({"plain": plain, "capture": capture}, repeats, warmup=True)[1])
+    return cpu["plain"], cpu["capture"]
 
 
 def main() -> None:

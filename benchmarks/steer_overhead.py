@@ -35,11 +35,11 @@ import transformers as T
 
 import actlab
 from actlab.interventions import SteeringVector
+from timing import BENCH_LLAMA, measure
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_PYTHON = ROOT / ".bench-venv" / "bin" / "python"
-RANDOM_CONFIG = dict(vocab_size=8192, hidden_size=320, intermediate_size=864, num_hidden_layers=6,
-                     num_attention_heads=5, num_key_value_heads=5, max_position_embeddings=512)
+RANDOM_CONFIG = BENCH_LLAMA
 
 
 def build(name: str) -> tuple[actlab.Model, dict]:
@@ -53,19 +53,6 @@ def build(name: str) -> tuple[actlab.Model, dict]:
     keys = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings"]
     return model, {k: getattr(model.hf.config, k) for k in keys if hasattr(model.hf.config, k)}
-
-
-def measure(variants: dict, repeats: int) -> tuple[dict, dict]:
-    """Wall and CPU (process) seconds of each variant, interleaved repeat by repeat."""
-    wall: dict[str, list[float]] = {name: [] for name in variants}
-    cpu: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            w, c = time.perf_counter(), time.process_time()
-            fn()
-            cpu[name].append(time.process_time() - c)
-            wall[name].append(time.perf_counter() - w)
-    return wall, cpu
 
 
 def hook_time(model, fn, repeats: int) -> tuple[float, float]:

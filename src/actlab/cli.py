@@ -232,12 +232,7 @@ def profile(
     eval_texts = list(read_documents(eval_data)) if eval_data is not None else None
     run = run_profile(m, docs, eval_texts=eval_texts, out_dir=out, analyses=[a.strip() for a in analyses.split(",") if a.strip()],
                       reservoir_size=reservoir, batch_size=batch_size, progress=True)
-    table = Table(title=f"profile of {m.name} ({run.meta['n_tokens']:,} tokens, {run.seconds:.0f} s)")
-    table.add_column("analysis")
-    table.add_column("headline")
-    for r in run.results:
-        table.add_row(r.title, r.headline())
-    console.print(table)
+    console.print(run.headline_table(f"profile of {m.name} ({run.meta['n_tokens']:,} tokens, {run.seconds:.0f} s)"))
     console.print(f"[green]report:[/] {run.report_path.resolve()}")
 
 

@@ -67,8 +67,6 @@ def run_tour(
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """Run the whole tour and return the path of the combined report."""
-    import torch
-
     import actlab
     from actlab.analyses.profile import run_profile
     from actlab.interventions.evaluate import dose_response, genre_setup
@@ -97,12 +95,7 @@ def run_tour(
         run = run_profile(model, docs, eval_texts=eval_texts, out_dir=out / f"profile-{model.name}",
                           reservoir_size=2048, progress=True)
         profiles[model.name] = run
-        table = Table(title=f"profile of {model.name}")
-        table.add_column("analysis")
-        table.add_column("headline")
-        for r in run.results:
-            table.add_row(r.title, r.headline())
-        console.print(table)
+        console.print(run.headline_table(f"profile of {model.name}"))
 
     say(f"3/5  steer {donor.name} toward {GENRE}")
     from actlab.transfer.evaluate import DEFAULT_VECTOR_COEF, default_site
@@ -112,7 +105,6 @@ def run_tour(
     vector = fit_steering(donor, setup.contrast, site, method="mean-diff")[site]
     coef = DEFAULT_VECTOR_COEF
     shown = setup.prompts[:3]
-    torch.manual_seed(0)
     plain = donor.generate(shown, max_new_tokens=24, do_sample=True, seed=0)
     with donor.edit(vector * coef):
         steered = donor.generate(shown, max_new_tokens=24, do_sample=True, seed=0)

@@ -39,6 +39,17 @@ class ProfileRun:
             "analyses": {r.key: r.to_dict() for r in self.results},
         }
 
+    def headline_table(self, title: str):
+        """The summary as a rich Table (analysis, headline), for terminals."""
+        from rich.table import Table
+
+        table = Table(title=title)
+        table.add_column("analysis")
+        table.add_column("headline")
+        for r in self.results:
+            table.add_row(r.title, r.headline())
+        return table
+
     def __getitem__(self, key: str):
         for r in self.results:
             if r.key == key:

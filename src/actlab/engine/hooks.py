@@ -98,6 +98,7 @@ class HookManager:
         self._edits: dict[str, dict[int, Edit]] = {}
         self._readers: dict[str, dict[int, Reader]] = {}
         self._torch_handles: dict[tuple[str, str], object] = {}
+        self._hooked_sites: dict[tuple[str, str], list[str]] = {}  # which sites each installed hook serves
         self._state_handle = None
 
     # ------------------------------------------------------------ registration
@@ -136,7 +137,10 @@ class HookManager:
         for key in list(self._torch_handles):
             if key not in needed:
                 self._torch_handles.pop(key).remove()
+                self._hooked_sites.pop(key, None)
         for key, sites in needed.items():
+            if self._hooked_sites.get(key) == sites:
+                continue  # already installed for exactly these sites
             if key in self._torch_handles:
                 self._torch_handles[key].remove()
             module = self.hf_model.get_submodule(key[0])
@@ -145,6 +149,7 @@ class HookManager:
             else:
                 hook = module.register_forward_pre_hook(self._make_input_hook(sites), with_kwargs=True)
             self._torch_handles[key] = hook
+            self._hooked_sites[key] = sites
         if needed and self._state_handle is None:
             self._state_handle = self.hf_model.register_forward_pre_hook(self._update_state, with_kwargs=True)
         elif not needed and self._state_handle is not None:

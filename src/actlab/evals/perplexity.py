@@ -37,6 +37,8 @@ def token_losses(model, texts: Sequence[str], batch_size: int = 8, max_length: i
         raise ActlabError("perplexity needs at least one text; got an empty list")
     if batch_size < 1:
         raise ActlabError(f"batch_size must be >= 1, got {batch_size}")
+    from actlab.engine.batching import pad
+
     hf, tok = _unwrap(model, tokenizer)
     if max_length is None:
         cfg = getattr(hf, "config", None)
@@ -67,12 +69,7 @@ def token_losses(model, texts: Sequence[str], batch_size: int = 8, max_length: i
                 seqs = [s for s in seqs if len(s) >= 2]
                 if not seqs:
                     continue
-                L = max(len(s) for s in seqs)
-                ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(seqs), L), dtype=torch.long)
-                for i, s in enumerate(seqs):
-                    ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-                    mask[i, : len(s)] = 1
+                ids, mask = pad(seqs, pad_id, side="right")
                 ids, mask = ids.to(device), mask.to(device)
                 logits = hf(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
                 target = ids[:, 1:]

@@ -68,7 +68,7 @@ def load(
 
     ``name_or_model`` is a bundled demo name (``demo-gpt2``, ``demo-llama``), a local directory
     saved with ``save_pretrained``, a hub id (needs network), or an HF model object (then pass
-    ``tokenizer=``). Remote code is never run unless ``trust_remote_code=True``.
+    ``tokenizer=``). Remote code never runs unless the caller opts in with the ``trust_remote_code`` flag.
     """
     if isinstance(name_or_model, nn.Module):
         model = name_or_model.to(device)

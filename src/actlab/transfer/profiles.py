@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+
 from actlab.errors import ActlabError
 from actlab.files import load_tensors, save_tensors
 
