@@ -168,7 +168,8 @@ def write_card(d: Path, name: str, cfg, res: dict, summary: dict) -> None:
         L += [f"**Prompt:** `{s['prompt']}`", "", "```text", md_escape(s["prompt"] + s["continuation"]), "```", ""]
     L += ["## Genre of generations", "",
           f"For each genre, {res['genre_rate']['n_per_genre']} test-split documents of that genre give their first "
-          f"{res['genre_rate']['prompt_tokens']} tokens as the prompt; the model samples "
+          f"{res['genre_rate']['prompt_tokens']} tokens, after `<|endoftext|>` as every document opens in training, "
+          f"as the prompt; the model samples "
           f"{res['genre_rate']['new_tokens']} tokens and the bundled genre classifier "
           f"(`actlab.evals.genre`, {clf['test_accuracy'] * 100:.1f}% accuracy on 40-token test passages, chance "
           f"{100 / len(GENRES):.0f}%) labels the continuation alone. Rate = fraction labelled with the prompt's genre.", "",
@@ -262,14 +263,14 @@ def evaluate(name: str, args) -> dict:
         prompts = []
         for j in rng.permutation(len(docs)):
             ids = tok(docs[j]["text"][:200], add_special_tokens=False)["input_ids"]
-            if len(ids) >= args.prompt_tokens:
-                prompts.append(ids[: args.prompt_tokens])
+            if len(ids) >= args.prompt_tokens:  # a document opens after <|endoftext|> in training
+                prompts.append([tok.eos_token_id] + ids[: args.prompt_tokens])
             if len(prompts) == args.n_per_genre:
                 break
         conts = generate(model, tok, prompts, args.new_tokens, args.seed + 100 + gi)
         pred = clf.predict(conts)
         rates[g] = round(float(np.mean([p == g for p in pred])), 3)
-        gens[g] = [{"prompt": tok.decode(p), "continuation": c, "predicted": q}
+        gens[g] = [{"prompt": tok.decode(p[1:]), "continuation": c, "predicted": q}
                    for p, c, q in zip(prompts[:3], conts[:3], pred[:3])]
         print(f"[eval] {name} genre rate {g}: {rates[g]:.2f}", flush=True)
     eos = tok.eos_token_id
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("models", nargs="*", default=["demo-gpt2", "demo-llama"], help="default: both")
     p.add_argument("--zoo", type=Path, default=ZOO)
     p.add_argument("--max-windows", type=int, default=100, help="validation windows per genre (default 100)")
-    p.add_argument("--n-per-genre", type=int, default=20, help="generations per genre for the genre rate")
+    p.add_argument("--n-per-genre", type=int, default=40, help="generations per genre for the genre rate")
     p.add_argument("--prompt-tokens", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)

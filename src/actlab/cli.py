@@ -425,6 +425,9 @@ def paste_run(
     converters_out: Optional[Path] = typer.Option(None, help="Also save the fitted converters here."),
     min_lambda: float = typer.Option(0.1, help="Floor on the ridge λ chosen by held-out error (0.1 keeps pasted adapters "
                                           "from amplifying directions the profile barely varies in; 0 = pure held-out choice)."),
+    deattenuate: bool = typer.Option(True, help="Restore the length the regression converters lose along the edit's "
+                                                "directions (geometric-mean slope; see docs/transfer.md)."),
+    max_gain: float = typer.Option(2.0, help="Cap on the de-attenuation gain."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ):
@@ -441,7 +444,7 @@ def paste_run(
     converters = fit_converters(d_prof, r_prof, layer_map=mapping, min_lambda=min_lambda)
     if converters_out is not None:
         converters.save(converters_out)
-    pasted = paste(donor_edit, converters, r_model)
+    pasted = paste(donor_edit, converters, r_model, deattenuate=deattenuate, max_gain=max_gain)
     pasted.save(out)
     table = Table(title=f"pasted {intervention.name} from {donor} into {recipient} "
                         f"(converters fitted in {converters.fit_seconds:.2f} s on {len(texts)} prompts)")
@@ -469,17 +472,22 @@ def paste_eval(
     samples: int = typer.Option(4, help="Samples per prompt."),
     tokens: int = typer.Option(24, help="New tokens per continuation."),
     seed: int = typer.Option(0, help="Sampling seed."),
+    deattenuate: bool = typer.Option(True, help="De-attenuate the pasted (and random) interventions, as paste run does."),
+    tune: bool = typer.Option(False, help="Score on the fitted pairs' own prompts (the tuning set) instead of the "
+                                          "held-out ones, to choose settings without touching the evaluation prompts."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for the JSON result and the bar chart."),
     name: Optional[str] = typer.Option(None, help="File stem under --out."),
 ):
     """Validate Command-V: genre rate of the recipient with the pasted intervention vs its own directly fitted one
     vs a pasted random one vs none, with perplexity, converter R² and compute."""
     import actlab
-    from actlab.transfer.evaluate import evaluate_transfer, parse_lambdas, write_result
+    from actlab.transfer.evaluate import evaluate_transfer, evaluation_prompts, parse_lambdas, write_result
 
+    tuning = list(dict.fromkeys(evaluation_prompts(genre)[0].contrast.prompts))[:prompts] if tune else None
     result = evaluate_transfer(actlab.load(donor), actlab.load(recipient), kind=kind, target_genre=genre, donor_site=site,
                                coef=coef, positions=positions, n_eval_prompts=prompts, samples_per_prompt=samples,
-                               max_new_tokens=tokens, converter_lambdas=parse_lambdas(lambdas), seed=seed, progress=True)
+                               max_new_tokens=tokens, converter_lambdas=parse_lambdas(lambdas), seed=seed,
+                               deattenuate=deattenuate, eval_prompts=tuning, progress=True)
     for line in result.summary_lines():
         console.print(line)
     if out is not None:
