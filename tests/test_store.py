@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import actlab
 from actlab.errors import ActlabError
 from actlab.store import MANIFEST_NAME, Store, record
 from actlab.store._files import DirLock
@@ -355,3 +356,24 @@ def test_docs_example_runs(tmp_path, monkeypatch):
     monkeypatch.setattr("tempfile.mkdtemp", lambda: str(tmp_path))
     exec(compile(example, "docs/store.md", "exec"), {"__name__": "docs_example"})
     assert Store(tmp_path).complete
+
+
+def test_same_model_under_another_name_reads_the_store(llama, docs, tmp_path):
+    """A store names its model by config and weights, so the same checkpoint loaded as ``./path`` or
+    as a zoo name may read (and resume) it; another model with the same config may not."""
+    import copy
+
+    out = tmp_path / "s"
+    record(llama, docs[:4], "resid.0", out, shard_tokens=30)
+    renamed = actlab.load(llama.hf, tokenizer=llama.tokenizer)
+    renamed.name = "./somewhere/else"
+    Store(out).check_model(renamed)
+    record(renamed, docs[:4], "resid.0", out, shard_tokens=30)  # resuming a finished store: nothing to redo
+    retuned = copy.deepcopy(llama.hf)
+    with torch.no_grad():
+        next(retuned.parameters()).add_(0.5)
+    other = actlab.load(retuned, tokenizer=llama.tokenizer)
+    other.name = "./fine-tuned"
+    assert other.config_hash == llama.config_hash and other.weights_hash != llama.weights_hash
+    with pytest.raises(ActlabError, match="recorded with"):
+        Store(out).check_model(other)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -30,6 +31,16 @@ def config_hash(config) -> str:
     data = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS and not k.startswith("_")}
     blob = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def same_model(a: dict, b: dict) -> bool:
+    """Whether two ``Model.identity()`` records name the same model: the same class and config, and the
+    same name or the same weights fingerprint (so ``./path`` and ``demo-llama`` are one model, while
+    two fine-tunes that share a config are not). Records older than the fingerprint compare by name."""
+    if a.get("model_class") != b.get("model_class") or a.get("config_hash") != b.get("config_hash"):
+        return False
+    same_weights = a.get("weights_hash") is not None and a.get("weights_hash") == b.get("weights_hash")
+    return same_weights or a.get("model_name") == b.get("model_name")
 
 
 class Model:
@@ -84,6 +95,18 @@ class Model:
     def config_hash(self) -> str:
         return config_hash(self.hf.config)
 
+    @functools.cached_property
+    def weights_hash(self) -> str:
+        """A short fingerprint of the weights (the first 64 values of every tensor, rounded to bfloat16 so
+        the same checkpoint loaded in another dtype matches): tells the same model under two names
+        (``./path`` and ``demo-llama``) from two fine-tunes that share a config."""
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.hf.state_dict().items()):
+            if tensor.is_floating_point() and tensor.device.type != "meta":
+                head = tensor.detach().flatten()[:64].to("cpu", torch.bfloat16).view(torch.int16)
+                h.update(name.encode() + head.numpy().tobytes())
+        return h.hexdigest()[:16]
+
     @property
     def has_lm_head(self) -> bool:
         return self.hf.get_output_embeddings() is not None if hasattr(self.hf, "get_output_embeddings") else False
@@ -113,6 +136,7 @@ class Model:
             "model_name": self.name,
             "model_class": self.sitemap.model_class,
             "config_hash": self.config_hash,
+            "weights_hash": self.weights_hash,
             "n_layers": self.n_layers,
             "d_model": self.d_model,
             "d_mlp": self.d_mlp,

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from actlab.errors import ActlabError
+from actlab.models.model import same_model
 from actlab.store._files import sha256_file
 from actlab.store.manifest import INDEX_KEYS, MANIFEST_NAME, positions_from_json, read_manifest, torch_dtype
 
@@ -257,10 +258,11 @@ class Store:
 
     # -------------------------------------------------------------- checks
     def check_model(self, model) -> None:
-        """Raise ActlabError unless ``model`` is the model this store was recorded with."""
+        """Raise ActlabError unless ``model`` is the model this store was recorded with: the same config,
+        and the same name or (stores since the weights fingerprint) the same weights under another name."""
         ident = model.identity()
         stored = self.manifest["model"]
-        if ident.get("config_hash") != stored.get("config_hash") or ident.get("model_name") != stored.get("model_name"):
+        if not same_model(ident, stored):
             raise ActlabError(
                 f"the store at {self.path} was recorded with {stored.get('model_name')} "
                 f"(config hash {stored.get('config_hash')}), not with {ident.get('model_name')} "

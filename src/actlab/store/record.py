@@ -21,6 +21,7 @@ from actlab.engine.batch import TokenBatch
 from actlab.engine.batching import LongDocs, Positions, Row, selection_mask
 from actlab.engine.progress import progress_bar
 from actlab.errors import ActlabError
+from actlab.models.model import same_model
 from actlab.store._files import DirLock, finish_atomic, is_tmp_file, sha256_file, tmp_path_for, write_json_atomic
 from actlab.store.manifest import (
     FORMAT_NAME,
@@ -205,7 +206,7 @@ def _describe_model(ident: dict) -> str:
 def _differences(old: dict, new: dict) -> list[str]:
     """What differs between an existing manifest and the one this run would write."""
     diffs = []
-    if old["model"] != new["model"]:
+    if not same_model(old["model"], new["model"]):
         diffs.append(f"model: the store was recorded with {_describe_model(old['model'])}, "
                      f"this run uses {_describe_model(new['model'])}")
     if old.get("model_dtype") != new["model_dtype"]:
