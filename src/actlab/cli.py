@@ -473,6 +473,7 @@ def paste_eval(
     tokens: int = typer.Option(24, help="New tokens per continuation."),
     seed: int = typer.Option(0, help="Sampling seed."),
     deattenuate: bool = typer.Option(True, help="De-attenuate the pasted (and random) interventions, as paste run does."),
+    max_gain: float = typer.Option(2.0, help="Cap on the de-attenuation gain."),
     tune: bool = typer.Option(False, help="Score on the fitted pairs' own prompts (the tuning set) instead of the "
                                           "held-out ones, to choose settings without touching the evaluation prompts."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for the JSON result and the bar chart."),
@@ -487,7 +488,7 @@ def paste_eval(
     result = evaluate_transfer(actlab.load(donor), actlab.load(recipient), kind=kind, target_genre=genre, donor_site=site,
                                coef=coef, positions=positions, n_eval_prompts=prompts, samples_per_prompt=samples,
                                max_new_tokens=tokens, converter_lambdas=parse_lambdas(lambdas), seed=seed,
-                               deattenuate=deattenuate, eval_prompts=tuning, progress=True)
+                               deattenuate=deattenuate, max_gain=max_gain, eval_prompts=tuning, progress=True)
     for line in result.summary_lines():
         console.print(line)
     if out is not None:

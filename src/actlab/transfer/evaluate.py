@@ -268,6 +268,9 @@ class TransferEvaluation:
         if "cosine_pasted_direct" in d:
             lines.append(f"  pasted vs direct vector: cosine {d['cosine_pasted_direct']:.3f}, norm ratio "
                          f"{d['norm_ratio_pasted_direct']:.2f}")
+        gains = self.settings.get("deattenuation_gains")
+        lines.append(f"  de-attenuation gains (max {self.settings.get('max_gain')}): " + ", ".join(f"{g:.2f}" for g in gains)
+                     if gains else "  de-attenuation: off")
         lines.append(f"  |Δ|/|h| on the profile rows: donor {d['donor_rel_change']:.3f}, pasted "
                      f"{d['pasted_rel_change']:.3f}, direct {d['direct_rel_change']:.3f}")
         lines.append(f"  compute: paste {k['paste_seconds']:.1f} s (profiles {k['profile_seconds']:.1f} s, converters "
@@ -479,6 +482,7 @@ def evaluate_transfer(
     adapter_batch_size: int = 8,
     converter_lambdas: Sequence[float] | None = PASTE_LAMBDAS,
     deattenuate: bool = True,
+    max_gain: float = 2.0,
     eval_prompts: Sequence[str] | None = None,
     donor_check: bool = True,
     cache_dir: str | Path | None = None,
@@ -497,7 +501,7 @@ def evaluate_transfer(
     ``positions``: profile rows, "all" (every token; needs the same tokenizer, falls back to "last"
     otherwise) or "last". ``eval_prompts`` replaces the held-out pair prompts (e.g. for tuning on
     other prompts). ``donor_check`` also scores the donor with and without its own intervention.
-    ``deattenuate``: passed to ``paste`` (for the pasted and the random interventions alike).
+    ``deattenuate``, ``max_gain``: passed to ``paste`` (for the pasted and the random interventions alike).
     ``cache_dir``: reuse profiles (``cached_profile``); the timings then measure the cache.
     """
     from actlab.interventions.adapter_train import train_adapter
@@ -560,7 +564,7 @@ def evaluate_transfer(
         converters = fit_paste_converters(d_prof, r_prof, converter_lambdas)
         bar.advance()
         t = time.perf_counter()
-        pasted = paste(donor_edit, converters, recipient, deattenuate=deattenuate)
+        pasted = paste(donor_edit, converters, recipient, deattenuate=deattenuate, max_gain=max_gain)
         paste_only_seconds = time.perf_counter() - t
         recipient_site = pasted.site
         r_layer = int(recipient_site.split(".")[1])
@@ -583,7 +587,7 @@ def evaluate_transfer(
         randoms, raw_sizes = [], []
         for j in range((n_random + 1) // 2):
             rnd = paste(_random_in_donor(donor_edit, seed + 7919 * (j + 1)), converters, recipient,
-                        deattenuate=deattenuate)
+                        deattenuate=deattenuate, max_gain=max_gain)
             size = _mean_delta_norm(rnd, h_r)
             raw_sizes.append(size)
             rnd = rnd.scaled(target_size / size if size > 0 else 1.0)
@@ -663,7 +667,7 @@ def evaluate_transfer(
         "n_random": n_random, "random_control": "made in the donor (same norms), pasted, rescaled to the pasted "
         "edit's mean |Δ| on the recipient profile rows; antithetic pairs (r, −r)", "eval_prompts": "given" if eval_prompts is not None else
         "held-out contrast-pair prompts", "layer_map": converters.layer_map, "notes": notes,
-        "deattenuate": deattenuate, "deattenuation_gains": pasted.params.get("deattenuation", {}).get("gains"),
+        "deattenuate": deattenuate, "max_gain": max_gain, "deattenuation_gains": pasted.params.get("deattenuation", {}).get("gains"),
     }
     if kind == "adapter":
         settings |= {"rank": rank, "steps": steps, "adapter_batch_size": adapter_batch_size}
