@@ -97,6 +97,13 @@ def generate(model, tok, prompt_ids: list[list[int]], new_tokens: int, seed: int
     return conts
 
 
+def wilson(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial rate (sensible near 0 and 1, unlike rate ± 2·SE)."""
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
 def md_escape(s: str) -> str:
     return s.replace("```", "'''")
 
@@ -173,9 +180,10 @@ def write_card(d: Path, name: str, cfg, res: dict, summary: dict) -> None:
           f"{res['genre_rate']['new_tokens']} tokens and the bundled genre classifier "
           f"(`actlab.evals.genre`, {clf['test_accuracy'] * 100:.1f}% accuracy on 40-token test passages, chance "
           f"{100 / len(GENRES):.0f}%) labels the continuation alone. Rate = fraction labelled with the prompt's genre.", "",
-          "| prompt genre | genre rate of generations |", "|---|---:|"]
+          "| prompt genre | genre rate of generations | 95% interval (Wilson) |", "|---|---:|---:|"]
     for g in GENRES:
-        L.append(f"| {g} | {res['genre_rate']['rates'][g]:.2f} |")
+        lo, hi = wilson(res['genre_rate']['rates'][g], res['genre_rate']['n_per_genre'])
+        L.append(f"| {g} | {res['genre_rate']['rates'][g]:.2f} | {lo:.2f}–{hi:.2f} |")
     mix = res["genre_rate"]["unprompted_mix"]
     L += ["", "Genre mix of unprompted samples (prompt = `<|endoftext|>`): "
           + ", ".join(f"{g} {mix[g]:.2f}" for g in GENRES) + ".", ""]
