@@ -427,7 +427,7 @@ def paste_run(
                                           "from amplifying directions the profile barely varies in; 0 = pure held-out choice)."),
     deattenuate: bool = typer.Option(True, help="Restore the length the regression converters lose along the edit's "
                                                 "directions (geometric-mean slope; see docs/transfer.md)."),
-    max_gain: float = typer.Option(2.0, help="Cap on the de-attenuation gain."),
+    max_gain: float = typer.Option(1.5, help="Cap on the de-attenuation gain (1 = off)."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ):
@@ -473,7 +473,7 @@ def paste_eval(
     tokens: int = typer.Option(24, help="New tokens per continuation."),
     seed: int = typer.Option(0, help="Sampling seed."),
     deattenuate: bool = typer.Option(True, help="De-attenuate the pasted (and random) interventions, as paste run does."),
-    max_gain: float = typer.Option(2.0, help="Cap on the de-attenuation gain."),
+    max_gain: float = typer.Option(1.5, help="Cap on the de-attenuation gain (1 = off)."),
     tune: bool = typer.Option(False, help="Score on the fitted pairs' own prompts (the tuning set) instead of the "
                                           "held-out ones, to choose settings without touching the evaluation prompts."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for the JSON result and the bar chart."),

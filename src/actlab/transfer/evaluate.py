@@ -482,7 +482,7 @@ def evaluate_transfer(
     adapter_batch_size: int = 8,
     converter_lambdas: Sequence[float] | None = PASTE_LAMBDAS,
     deattenuate: bool = True,
-    max_gain: float = 2.0,
+    max_gain: float = 1.5,
     eval_prompts: Sequence[str] | None = None,
     donor_check: bool = True,
     cache_dir: str | Path | None = None,
