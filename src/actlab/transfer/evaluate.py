@@ -73,6 +73,7 @@ from actlab.errors import ActlabError
 from actlab.report.serialize import save_figure, to_jsonable, write_json
 from actlab.interventions.base import Intervention
 from actlab.interventions.types import LowRankAdapter, SteeringVector
+from actlab.transfer.paste import DEFAULT_MAX_GAIN
 
 KINDS = ("vector", "adapter")
 CONDITIONS = ("none", "random", "pasted", "direct")
@@ -482,7 +483,7 @@ def evaluate_transfer(
     adapter_batch_size: int = 8,
     converter_lambdas: Sequence[float] | None = PASTE_LAMBDAS,
     deattenuate: bool = True,
-    max_gain: float = 1.5,
+    max_gain: float = DEFAULT_MAX_GAIN,
     eval_prompts: Sequence[str] | None = None,
     donor_check: bool = True,
     cache_dir: str | Path | None = None,
