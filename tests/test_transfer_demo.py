@@ -88,16 +88,16 @@ def test_pasted_vector_moves_the_recipient_like_its_own(llama_to_gpt2):
     # the comparison is meaningful: the recipient's own vector moves the rate well clear of the noise
     assert c["direct"].effect >= 0.2 and c["direct"].effect > 5 * c["direct"].effect_se, lines
     assert c["pasted"].effect > 5 * c["pasted"].effect_se, lines
-    # Measured: rate none 0.491, pasted 0.747, direct 0.800 (320 continuations each); effects +0.256 ±
-    # 0.026 and +0.309 ± 0.028 (paired SE) → pasted/direct 0.83, 95% bootstrap over prompts 0.71–0.95
-    # (on other prompts — the fitted pairs' — 0.87–0.89; with seed 1: see docs/transfer.md). The point
-    # estimate meets the issue's 0.8 but its noise is ±0.12, so the test asserts what the data support
-    # with margin: ≥ 0.7 (the interval's lower end), with 0.8 inside the interval. The shortfall from 1
-    # is systematic, not noise: the pasted vector points the right way (cosine 0.94 with the direct one)
-    # but is 0.79 as long — ridge regression dilutes a difference vector by the share of the donor's
-    # variance the recipient does not predict (held-out R² ≈ 0.76).
-    assert r.pasted_ratio >= 0.7, lines
-    assert r.ratios["pasted_over_direct_ci"][1] >= 0.8, lines
+    # Measured (second training of the demo models, de-attenuated paste): rate none 0.600, pasted 0.866,
+    # direct 0.884 (320 continuations each); effects +0.266 ± 0.026 and +0.284 ± 0.027 (paired SE) →
+    # pasted/direct 0.93, 95% bootstrap over prompts 0.87–1.01 (seed 1: 0.93). Without the
+    # de-attenuation: 0.80 (0.72–0.89). The issue's target is 0.8; the run is deterministic (fixed
+    # seeds, one thread), so the test asserts it, with the interval reaching past it.
+    assert r.pasted_ratio >= 0.8, lines
+    assert r.ratios["pasted_over_direct_ci"][1] >= 0.9, lines
+    # the pasted vector points the recipient's way (cosine 0.95) and, de-attenuated, is 0.91 as long
+    # as the recipient's own (0.73 without: ridge regression dilution)
+    assert r.diagnostics["norm_ratio_pasted_direct"] > 0.85, lines
     assert r.diagnostics["cosine_pasted_direct"] > 0.9, lines
 
 
@@ -105,9 +105,9 @@ def test_pasted_vector_moves_the_recipient_like_its_own(llama_to_gpt2):
 def test_random_pasted_vector_of_the_same_norm_does_nothing(llama_to_gpt2):
     r = llama_to_gpt2
     lines = "\n".join(r.summary_lines())
-    # Measured: random effect −0.007 ± 0.015 (4 draws: 2 directions and their negatives, each pasted
-    # and rescaled to the pasted vector's norm) → random/direct −0.02 (95% −0.14–+0.06). Target ≤ 0.1;
-    # the noise of one evaluation is ±0.05 of the direct effect, so allow 0.15.
+    # Measured: random effect +0.010 ± 0.015 (4 draws: 2 directions and their negatives, each pasted
+    # and rescaled to the pasted vector's norm) → random/direct +0.04 (95% −0.08–+0.14). Target ≤ 0.1;
+    # the noise of one evaluation is ±0.05 of the direct effect, so allow 0.15 either way.
     assert abs(r.random_ratio) <= 0.15, lines
     assert abs(r.conditions["random"].effect) < r.conditions["pasted"].effect / 5, lines
 
@@ -115,9 +115,33 @@ def test_random_pasted_vector_of_the_same_norm_does_nothing(llama_to_gpt2):
 @pytest.mark.slow
 def test_pasted_vector_costs_little_perplexity(llama_to_gpt2):
     c = llama_to_gpt2.conditions
-    # Measured: neutral perplexity none 178.6, pasted 184.5 (1.03×), direct 187.3 (1.05×)
+    # Measured: neutral perplexity none 154.3, pasted 160.4 (1.04×), direct 160.9 (1.04×)
     assert c["pasted"].perplexity < 1.2 * c["none"].perplexity
     assert c["pasted"].perplexity <= c["direct"].perplexity * 1.05
+
+
+@pytest.mark.slow
+def test_deattenuation_brings_the_pasted_vector_to_the_recipients_length(profile_cache):
+    """No generation: the same vector pasted with and without de-attenuation, against the recipient's
+    own mean-difference vector at the matched layer."""
+    from actlab.interventions.fit import fit_steering
+    from actlab.transfer import cached_profile, paste
+    from actlab.transfer.evaluate import default_profile_prompts, evaluation_prompts, fit_paste_converters
+
+    donor, recipient = demo("demo-llama"), demo("demo-gpt2")
+    prompts = default_profile_prompts()
+    conv = fit_paste_converters(cached_profile(donor, prompts, positions="all", cache_dir=profile_cache),
+                                cached_profile(recipient, prompts, positions="all", cache_dir=profile_cache))
+    contrast = evaluation_prompts("scripture")[0].contrast
+    v = fit_steering(donor, contrast, "resid.1")["resid.1"]
+    own = fit_steering(recipient, contrast, "resid.2")["resid.2"].vector
+    plain = paste(v, conv, recipient, deattenuate=False).vector
+    fixed = paste(v, conv, recipient)
+    gain = fixed.params["deattenuation"]["gains"][0]
+    # measured: plain 0.73 of the recipient's own length, gain 1.24 → 0.91; cosine 0.95 either way
+    assert 1.1 < gain <= 1.5
+    assert float(plain.norm() / own.norm()) < 0.8 < float(fixed.vector.norm() / own.norm()) < 1.1
+    assert torch.nn.functional.cosine_similarity(fixed.vector, own, dim=0) > 0.9
 
 
 @pytest.mark.slow
@@ -136,9 +160,9 @@ def test_result_serialises_and_draws(llama_to_gpt2, tmp_path):
 @pytest.mark.slow
 def test_paste_from_the_deeper_model_into_the_shallower(profile_cache):
     # demo-gpt2 (6 layers) → demo-llama (4): the reverse of the above, on the cached profiles, smaller.
-    # Measured here (40 prompts × 4 samples, 2 random draws): none 0.544, pasted 0.762, direct 0.850;
-    # pasted effect +0.219 ± 0.039 → pasted/direct 0.71 (95% 0.52–0.91), random +0.003 ± 0.020. With
-    # the full defaults (80 prompts, docs/transfer.md): 0.78 (0.65–0.90), random −0.05.
+    # Measured here (40 prompts × 4 samples, 2 random draws): none 0.544, pasted 0.812, direct 0.819;
+    # pasted effect +0.269 ± 0.036 → pasted/direct 0.98 (95% 0.87–1.07), random −0.006 ± 0.024. With
+    # the full defaults (80 prompts, docs/transfer.md): 1.00 (0.92–1.09), random +0.02.
     donor, recipient = demo("demo-gpt2"), demo("demo-llama")
     r = evaluate_transfer(donor, recipient, kind="vector", n_eval_prompts=40, n_random=2, donor_check=False,
                           cache_dir=profile_cache)
@@ -147,5 +171,5 @@ def test_paste_from_the_deeper_model_into_the_shallower(profile_cache):
     assert (r.donor_site, r.recipient_site) == ("resid.2", "resid.1"), lines
     pasted = r.conditions["pasted"]
     assert pasted.effect >= 0.1 and pasted.effect > 4 * pasted.effect_se, lines  # the right direction
-    assert r.pasted_ratio >= 0.5, lines
+    assert r.pasted_ratio >= 0.8, lines
     assert pasted.perplexity < 1.2 * r.conditions["none"].perplexity, lines
