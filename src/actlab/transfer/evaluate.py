@@ -42,9 +42,10 @@ are lines of ``neutral.txt``; the profile prompts (``default_profile_prompts``) 
 prompt set plus 10-word openings of ``heldout.jsonl`` passages, none equal to an evaluation prompt.
 
 Defaults, chosen on the *fitted* pairs' prompts (never on the evaluation prompts): genre scripture
-(200 pairs, so 80 evaluation prompts are left after fitting on 64; the unedited rate is ≈ 0.5, leaving
-room both ways); coefficient 0.5 for vectors (the direct vector moves the rate to ≈ 0.8 — at 1 both
-saturate near 1 and the ratio says little) and 1 for adapters; 80 prompts × 4 samples × 24 tokens.
+(200 pairs, so 80 evaluation prompts are left after fitting on 64; the unedited rate is 0.5–0.6,
+leaving room both ways); coefficient 0.5 for vectors (the direct vector moves the rate to ≈ 0.8–0.9 —
+at 1 both saturate near 1 and the ratio says little) and 1 for adapters; 80 prompts × 4 samples × 24
+tokens; ``paste``'s de-attenuation with its gain capped at 1.5.
 
 Default layer (``default_site``): the donor layer whose relative depth ``(i + 1) / n_layers`` is
 nearest one half (ties: the shallower) — ``resid.1`` of demo-llama (4 layers), which matches
