@@ -214,4 +214,4 @@ def test_demo_llama_adapter_steers_toward_scripture():
     with model.edit(adapter):
         steered = model.generate(prompts, max_new_tokens=24, do_sample=True, seed=0)
     before, after = genre_rate(plain, "scripture"), genre_rate(steered, "scripture")
-    assert after >= before + 0.25, (before, after)  # measured: 0.34 -> 0.88
+    assert after >= before + 0.25, (before, after)  # measured: 0.25 -> 0.75 (first training of the demo models: 0.34 -> 0.88)

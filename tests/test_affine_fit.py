@@ -264,4 +264,4 @@ def test_demo_llama_joint_affine_steers_toward_scripture():
     with model.edit(comp):
         steered = model.generate(prompts, max_new_tokens=24, do_sample=True, seed=0)
     before, after = genre_rate(plain, "scripture"), genre_rate(steered, "scripture")
-    assert after >= before + 0.25, (before, after)  # measured: 0.34 -> 0.81
+    assert after >= before + 0.25, (before, after)  # measured: 0.25 -> 0.69 (first training: 0.34 -> 0.81)
