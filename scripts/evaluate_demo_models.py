@@ -134,6 +134,10 @@ def arch_rows(cfg) -> list[tuple[str, str]]:
     ]
 
 
+SAMPLING = {"genre-balanced": "genre-balanced: each 256-token window comes from one genre's own stream, "
+                               "the genre drawn uniformly"}
+
+
 def write_card(d: Path, name: str, cfg, res: dict, summary: dict) -> None:
     clf = res["classifier"]
     L = [f"# {name}", ""]
@@ -148,12 +152,14 @@ def write_card(d: Path, name: str, cfg, res: dict, summary: dict) -> None:
     L += ["## Training", "", "| | |", "|---|---|",
           f"| tokens seen | {summary['tokens_seen']:,} ({summary['steps']} steps x {summary['batch_size']} x "
           f"{summary['seq_len']} tokens; {summary['epochs']} epochs of the {summary['train_tokens_available']:,}-token train split) |",
+          f"| data sampling | {SAMPLING.get(summary.get('sampling'), 'random windows of the train stream')} |",
           f"| optimiser | {summary['optimizer']} |",
           f"| learning rate | peak {summary['peak_lr']}, {summary['schedule']} |",
           f"| seed / threads | {summary['seed']} / {summary['threads']} (CPU, torch {summary['torch']}) |",
           f"| training time | {summary['training_seconds'] / 60:.1f} min wall-clock on one CPU thread "
           f"(2-core machine shared with the other model's run and other work) |",
-          f"| final validation loss | {summary['final_val_loss']:.3f} nats/token (fixed 4 x 16 x 256-token windows) |", ""]
+          f"| final validation loss | {summary['final_val_loss']:.3f} nats/token (fixed validation windows; "
+          f"{'the same number per genre' if summary.get('sampling') else 'evenly spaced'}) |", ""]
     L += ["## Validation perplexity per genre", "",
           f"Token-level perplexity on non-overlapping {SEQ}-token windows of the validation split (up to "
           f"{res['max_windows']} windows per genre; float16 weights computed in float32). The unigram baselines "
