@@ -145,8 +145,9 @@ def test_cross_width_paste_saves_and_reloads(tmp_path):
 def test_deattenuation_restores_the_length_regression_loses_to_noise():
     """Both models read a shared latent z through noise: h_D = z + ε_D, h_R = z Q + ε_R (Q orthogonal).
     A donor shift v of z is the recipient shift v Q. The ridge converter shrinks it by the reliability
-    var(z)/(var(z) + σ²) = 0.5 along v; the geometric-mean correction brings the length back to ≈ 1
-    (its sampling error with 6000 rows is a few percent) without turning the direction."""
+    var(z)/(var(z) + σ²) = 0.5 along v (round trip 0.25); the geometric-mean correction, gain
+    1/√0.25 = 2, brings the length back to ≈ 1 (sampling error with 6000 rows: a few percent) without
+    turning the direction; the default cap of 1.5 stops it at 1.5× the plain paste."""
     gen = torch.Generator().manual_seed(3)
     n, d, sigma = 6000, 12, 1.0
     z = torch.randn(n, d, generator=gen)
@@ -162,9 +163,11 @@ def test_deattenuation_restores_the_length_regression_loses_to_noise():
     v = torch.randn(d, generator=gen)
     truth = v @ q
     plain = paste(SteeringVector("resid.0", vector=v), conv, deattenuate=False).vector
-    fixed = paste(SteeringVector("resid.0", vector=v), conv).vector
+    fixed = paste(SteeringVector("resid.0", vector=v), conv, max_gain=3.0).vector  # the gain needed here is 2
+    capped = paste(SteeringVector("resid.0", vector=v), conv).vector  # the default cap, 1.5
     assert abs(plain.norm() / truth.norm() - 0.5) < 0.05  # attenuated by the reliability
     assert abs(fixed.norm() / truth.norm() - 1.0) < 0.06  # restored
+    assert capped.norm() / plain.norm() == pytest.approx(1.5, rel=1e-4)
     cos = torch.nn.functional.cosine_similarity
     assert cos(fixed, truth, dim=0) > 0.99 and cos(fixed, plain, dim=0) > 0.9999  # only the length changes
     # an adapter's write subspace is restored the same way; the gain never exceeds max_gain
