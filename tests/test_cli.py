@@ -101,12 +101,20 @@ def test_steer_fit_paste_run_generate(tmp_path):
                     "-o", pasted, "--prompts", prompts, "--cache-dir", tmp_path / "cache")
     assert result.exit_code == 0, result.output
     assert "resid.2" in result.output  # relative depth: llama block 1 of 4 -> gpt2 block 2 of 6
+    assert "de-attenuation gains" in result.output
     from actlab.interventions import load_interventions
     import actlab
 
     recipient = actlab.load("demo-gpt2")
     edit = load_interventions(pasted, recipient)
     assert edit.site == "resid.2" and edit.width == 192
+    assert 1.0 <= edit.params["deattenuation"]["gains"][0] <= 1.5
+    plain = tmp_path / "plain.safetensors"
+    assert invoke("paste", "run", "--donor", "demo-llama", "--recipient", "demo-gpt2", "--intervention", vec,
+                  "-o", plain, "--prompts", prompts, "--cache-dir", tmp_path / "cache", "--no-deattenuate").exit_code == 0
+    plain_edit = load_interventions(plain, recipient)
+    assert "deattenuation" not in plain_edit.params
+    assert float(plain_edit.vector.norm()) <= float(edit.vector.norm())
     assert invoke("generate", "demo-gpt2", "In the beginning", "--edit", f"{pasted}:0.5",
                   "--max-new-tokens", "6").exit_code == 0
     refused = runner.invoke(app, ["generate", "demo-gpt2", "x", "--edit", f"{vec}:1"])

@@ -454,6 +454,10 @@ def paste_run(
         table.add_row(row["donor_site"], row["recipient_site"], row["kind"], f"{row['r2_to_donor']:.3f}",
                       f"{row['r2_to_recipient']:.3f}", f"{row['donor_rel_norm']:.3f}", f"{row['recipient_rel_norm']:.3f}")
     console.print(table)
+    for item in pasted.edits():
+        gains = item.params.get("deattenuation", {}).get("gains")
+        if gains:
+            console.print(f"{item.site}: de-attenuation gains {', '.join(f'{g:.2f}' for g in gains)} (cap {max_gain:g})")
     console.print(f"[green]wrote[/] {out}: apply it with `actlab generate {recipient} PROMPT --edit {out}:1.0`")
 
 
