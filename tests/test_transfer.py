@@ -177,3 +177,21 @@ def test_deattenuation_restores_the_length_regression_loses_to_noise():
     assert all(1.0 <= g <= 1.2 + 1e-6 for g in capped.params["deattenuation"]["gains"])
     with pytest.raises(ActlabError, match="max_gain"):
         paste(adapter, conv, max_gain=0.5)
+
+
+def test_profile_cache_tells_retrained_weights_apart(tmp_path):
+    """Same config, other weights (a fine-tune, a retrain): a cached profile must not be reused."""
+    from actlab.transfer import cached_profile
+
+    model = actlab.load(tiny_hf_model("llama"), tokenizer=ByteTokenizer())
+    first = cached_profile(model, PROMPTS[:20], cache_dir=tmp_path)
+    again = cached_profile(model, PROMPTS[:20], cache_dir=tmp_path)
+    assert torch.equal(first.acts[0], again.acts[0]) and len(list(tmp_path.rglob("*.safetensors"))) == 1
+    retrained_hf = copy.deepcopy(model.hf)
+    with torch.no_grad():
+        retrained_hf.get_input_embeddings().weight.mul_(2.0)
+    retrained = actlab.load(retrained_hf, tokenizer=ByteTokenizer())
+    assert retrained.config_hash == model.config_hash
+    other = cached_profile(retrained, PROMPTS[:20], cache_dir=tmp_path)
+    assert not torch.allclose(other.acts[0], first.acts[0])
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 2
