@@ -11,7 +11,6 @@ sites is timed there by benchmarks/peer_capture.py and printed beside ours.
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import transformers as T
 import actlab
 from actlab.stats import StatsSink
 from actlab.store import record
-from timing import BENCH_LLAMA, measure, medians
+from timing import BENCH_LLAMA, capture_batch, measure, medians
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,17 +34,10 @@ def bench_model(seed: int = 0) -> actlab.Model:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=256)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args, ids = capture_batch(__doc__)
 
     model = bench_model()
     n_params = sum(p.numel() for p in model.hf.parameters())
-    ids = torch.randint(0, 8192, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     docs = [row.tolist() for row in ids]  # token-id documents: no tokenizer cost in any variant
     sites = model.resolve("resid.*")

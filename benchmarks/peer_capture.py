@@ -7,11 +7,9 @@ capture_overhead.py; each peer's ratio is against a plain forward timed in the s
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from timing import BENCH_LLAMA, measure, medians
+from timing import BENCH_LLAMA, capture_batch, measure, medians
 
 
 def hf_llama():
@@ -63,14 +61,7 @@ def bench_transformer_lens(ids, repeats):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=256)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    ids = torch.randint(0, 8192, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    args, ids = capture_batch()
     for name, bench in [("nnsight", bench_nnsight), ("TransformerLens", bench_transformer_lens)]:
         try:
             base, cap = bench(ids, args.repeats)

@@ -6,6 +6,7 @@ a shared machine hits them alike, recording wall and process-CPU seconds.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable
@@ -34,3 +35,19 @@ def measure(variants: dict[str, Callable[[], object]], repeats: int, *, warmup: 
 
 def medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def capture_batch(description: str | None = None):
+    """The command line capture_overhead.py and peer_capture.py share (the first passes it on to the
+    second), parsed with torch threads pinned, and the one token batch both time: ``(args, ids)``."""
+    import torch
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    ids = torch.randint(0, BENCH_LLAMA["vocab_size"], (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    return args, ids

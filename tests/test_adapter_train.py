@@ -21,14 +21,6 @@ from actlab.interventions.adapter_train import (
 from tiny_models import ByteTokenizer, tiny_config, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def wide_llama():
     """A tiny llama with larger random weights: the standard tiny model's LM head (std 0.02) keeps every

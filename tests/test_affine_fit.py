@@ -21,14 +21,6 @@ from actlab.interventions.contrast import ContrastSet
 from tiny_models import tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def random_texts(n: int, alphabet: str, seed: int, length: int = 24) -> list[str]:
     rng = random.Random(seed)
     return ["".join(rng.choice(alphabet) for _ in range(length)) for _ in range(n)]

@@ -185,7 +185,6 @@ def demo_data(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["demo-gpt2", "demo-llama"])
 def test_demo_fitted_lens_beats_logit_lens_before_the_last_layer(name):
-    torch.set_num_threads(1)
     model, data = demo_data(name)
     result = lenses(model, data)
     assert result.top1_logit[-1] == 1.0

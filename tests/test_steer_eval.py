@@ -16,15 +16,6 @@ from actlab.interventions.evaluate import DoseResponse, LayerSweep, dose_respons
 from tiny_models import ByteTokenizer, tiny_config
 
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a shared machine extra threads spin-wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 # ------------------------------------------------------------------------ tiny-model machinery
 Tok = ByteTokenizer  # takes single strings and HF-style truncation arguments
 class TokenClassifier:

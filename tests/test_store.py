@@ -21,8 +21,6 @@ from actlab.store import MANIFEST_NAME, Store, record
 from actlab.store._files import DirLock
 from tiny_models import tiny_model
 
-torch.set_num_threads(1)
-
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ["resid.0", "mlp.hidden.1", "final"]
 STAMPS = ("created", "updated")

@@ -61,7 +61,6 @@ def demo(name: str):
     if name not in zoo_models():
         pytest.skip(f"{name} is not in the zoo (scripts/train_demo_models.py {name})")
     if name not in MODELS:
-        torch.set_num_threads(1)
         MODELS[name] = actlab.load(name)
     return MODELS[name]
 

@@ -220,7 +220,14 @@ def _orthonormal(d: int, r: int, gen: torch.Generator) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------- the fit
-def _check_common(model, sites, rank, steps, lr, l1, loss, n_quantiles, positions) -> list[str]:
+def _holdout(n: int, val_fraction: float, gen: torch.Generator, min_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held-out) indices in random order: ``val_fraction`` of ``n`` held out, none when ``n < min_n``."""
+    perm = torch.randperm(n, generator=gen)
+    n_val = int(round(n * val_fraction)) if n >= min_n else 0
+    return perm[n_val:], perm[:n_val]
+
+
+def _check_common(model, sites, rank, steps, lr, l1, loss, n_quantiles, positions, val_fraction) -> list[str]:
     names = model.resolve(sites)
     if not names:
         raise ActlabError(f"no site matches {sites!r}")
@@ -236,6 +243,8 @@ def _check_common(model, sites, rank, steps, lr, l1, loss, n_quantiles, position
         raise ActlabError(f"positions must be one of {POSITION_MODES}, not {positions!r}")
     if n_quantiles < 2:
         raise ActlabError(f"n_quantiles must be at least 2, not {n_quantiles}")
+    if not (0 <= val_fraction < 1):
+        raise ActlabError(f"val_fraction must be in [0, 1), not {val_fraction}")
     for s in names:
         width = model.sites[s]
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0 or rank > width:
@@ -272,17 +281,14 @@ def fit_affine(
     before and after the fit (``w1_before`` / ``w1_after``, activation units, mean over dimensions).
     """
     contrast.validate()
-    names = _check_common(model, sites, rank, steps, lr, l1, loss, n_quantiles, positions)
-    if not (0 <= val_fraction < 1):
-        raise ActlabError(f"val_fraction must be in [0, 1), not {val_fraction}")
+    names = _check_common(model, sites, rank, steps, lr, l1, loss, n_quantiles, positions, val_fraction)
     gen = torch.Generator().manual_seed(seed)
     src = encode_texts(model, contrast.neg, contrast.prompts, max_tokens_per_text)
     tgt = encode_texts(model, contrast.pos, contrast.prompts, max_tokens_per_text)
 
-    def split(n: int, perm: torch.Tensor | None = None) -> tuple[list[int], list[int]]:
-        perm = torch.randperm(n, generator=gen) if perm is None else perm
-        n_val = int(round(n * val_fraction)) if n >= 5 else 0
-        return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
+    def split(n: int) -> tuple[list[int], list[int]]:
+        kept, held = _holdout(n, val_fraction, gen, min_n=5)
+        return sorted(kept.tolist()), sorted(held.tolist())
 
     if contrast.paired:
         train_i, val_i = split(len(src))
@@ -336,26 +342,22 @@ def fit_affine_to_targets(
         raise ActlabError("no source texts given: pass at least one")
     if not targets:
         raise ActlabError("no targets given: pass {site: [n_tokens, width] tensor}")
-    names = _check_common(model, list(targets), rank, steps, lr, l1, loss, n_quantiles, positions)
+    names = _check_common(model, list(targets), rank, steps, lr, l1, loss, n_quantiles, positions, val_fraction)
     if sorted(names) != sorted(targets):
         raise ActlabError(f"targets must be keyed by site names, e.g. {names[0]}, not {list(targets)}")
-    if not (0 <= val_fraction < 1):
-        raise ActlabError(f"val_fraction must be in [0, 1), not {val_fraction}")
     gen = torch.Generator().manual_seed(seed)
     tgt_train, tgt_val = {}, {}
     for s in names:
         y = torch.as_tensor(targets[s]).float().cpu()
         if y.ndim != 2 or y.shape[1] != model.sites[s] or y.shape[0] < 2:
             raise ActlabError(f"targets['{s}'] must be [n_tokens >= 2, {model.sites[s]}], not {tuple(y.shape)}")
-        perm = torch.randperm(y.shape[0], generator=gen)
-        n_val = int(round(y.shape[0] * val_fraction)) if y.shape[0] >= 10 else 0
-        tgt_train[s], tgt_val[s] = y[perm[n_val:]], y[perm[:n_val]]
+        kept, held = _holdout(y.shape[0], val_fraction, gen, min_n=10)
+        tgt_train[s], tgt_val[s] = y[kept], y[held]
     enc = encode_texts(model, source, source_prompts, max_tokens_per_text)
-    perm = torch.randperm(len(enc), generator=gen)
-    n_val = int(round(len(enc) * val_fraction)) if len(enc) >= 5 else 0
-    use_val = n_val > 0 and all(t.shape[0] > 1 for t in tgt_val.values())
-    src_train = enc.subset(sorted(perm[n_val:].tolist()) if use_val else range(len(enc)))
-    src_val = enc.subset(sorted(perm[:n_val].tolist())) if use_val else None
+    kept, held = _holdout(len(enc), val_fraction, gen, min_n=5)
+    use_val = len(held) > 0 and all(t.shape[0] > 1 for t in tgt_val.values())
+    src_train = enc.subset(sorted(kept.tolist()) if use_val else range(len(enc)))
+    src_val = enc.subset(sorted(held.tolist())) if use_val else None
     return _fit(model, names, src_train, src_val, tgt_train, tgt_val if use_val else None, rank=rank, steps=steps,
                 lr=lr, l1=l1, loss=loss, eval_every=eval_every, patience=patience, batch_size=batch_size,
                 n_quantiles=n_quantiles, gen=gen, positions=positions, progress=progress)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import inspect
 import json
@@ -95,11 +94,12 @@ class Model:
     def config_hash(self) -> str:
         return config_hash(self.hf.config)
 
-    @functools.cached_property
+    @property
     def weights_hash(self) -> str:
         """A short fingerprint of the weights (the first 64 values of every tensor, rounded to bfloat16 so
         the same checkpoint loaded in another dtype matches): tells the same model under two names
-        (``./path`` and ``demo-llama``) from two fine-tunes that share a config."""
+        (``./path`` and ``demo-llama``) from two fine-tunes that share a config. Computed on each call
+        (milliseconds, and only when a file is written or checked), so weights edited in place count."""
         h = hashlib.sha256()
         for name, tensor in sorted(self.hf.state_dict().items()):
             if tensor.is_floating_point() and tensor.device.type != "meta":

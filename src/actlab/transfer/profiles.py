@@ -86,12 +86,13 @@ def cached_profile(model, prompts: Sequence[str], *, positions: str = "last", ca
                    batch_size: int = 16, progress: bool = False) -> ActivationProfile:
     """Profile once per (model, prompts, positions) and reuse the file afterwards. The model is named by
     its config *and* weights fingerprint: a fine-tune or a retrain with the same config gets its own entry."""
-    key = f"{model.config_hash}-{model.weights_hash}-{prompts_hash(prompts)}-{positions}"
+    weights = model.weights_hash
+    key = f"{model.config_hash}-{weights}-{prompts_hash(prompts)}-{positions}"
     path = Path(cache_dir) / "profiles" / f"{key}.safetensors"
     if path.is_file():
         try:
             cached = ActivationProfile.load(path)
-            if cached.model.get("weights_hash") == model.weights_hash:
+            if cached.model.get("weights_hash") == weights:
                 return cached
         except ActlabError:
             pass  # a damaged cache entry is simply recomputed
