@@ -1,0 +1,111 @@
+"""Shared maths: seeded index splits, ridge regression with a held-out λ, and R².
+
+Converters (Command-V), the linearity analysis, the affine fit and probes all hold out part of
+their rows and solve ridge systems; they do it here, once, so a fix or a faster solver reaches
+every one of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from actlab.errors import ActlabError
+
+# λ grid relative to the mean eigenvalue of the (centred) Gram matrix
+LAMBDA_GRID = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)
+
+
+def as_generator(seed: int | torch.Generator) -> torch.Generator:
+    """A torch generator: ``seed`` itself when it is one (so callers can share a stream), else a fresh seeded one."""
+    return seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
+
+
+def held_out_count(n: int, fraction: float, *, min_n: int = 0, at_least: int = 0) -> int:
+    """How many of ``n`` rows to hold out: ``round(n * fraction)`` (at least ``at_least``), none when ``n < min_n``."""
+    if not 0 <= fraction < 1:
+        raise ActlabError(f"the held-out fraction must be in [0, 1), not {fraction}")
+    if n < min_n:
+        return 0
+    return max(int(at_least), int(round(n * fraction)))
+
+
+def split_indices(n: int, n_held: int, seed: int | torch.Generator = 0, *,
+                  sort: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kept, held)`` index tensors: a seeded permutation of ``range(n)`` whose first ``n_held`` are held out.
+
+    ``sort`` returns each part in increasing order (reading order); unsorted keeps the random order.
+    """
+    perm = torch.randperm(n, generator=as_generator(seed))
+    kept, held = perm[n_held:], perm[:n_held]
+    if sort:
+        kept, held = torch.sort(kept).values, torch.sort(held).values
+    return kept, held
+
+
+def r2_score(pred: torch.Tensor, y: torch.Tensor, y_mean: torch.Tensor | None = None) -> float:
+    """``1 − SSE / SST`` over all entries (SST around ``y_mean``, the column means of ``y`` by default);
+    NaN when ``y`` does not vary."""
+    y = y.double()
+    mean = y.mean(0) if y_mean is None else y_mean.double()
+    sst = float((y - mean).pow(2).sum())
+    if sst <= 0:
+        return float("nan")
+    return 1.0 - float((pred.double() - y).pow(2).sum()) / sst
+
+
+def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, lam: float) -> torch.Tensor:
+    """``(gram + lam·I)⁻¹ cross``: the normal equations of ridge regression."""
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram + lam * eye, cross)
+
+
+@dataclass
+class RidgeFit:
+    """``y ≈ (x − x_mean) @ weight + y_mean``, with λ chosen on held-out rows."""
+
+    weight: torch.Tensor  # [d_in, d_out] float64
+    x_mean: torch.Tensor  # [d_in]
+    y_mean: torch.Tensor  # [d_out]
+    lam: float  # chosen λ, relative to the mean diagonal of the centred Gram matrix
+    r2: float  # held-out R² at the chosen λ
+    train_r2: float  # R² of the refit on every row
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.double() - self.x_mean) @ self.weight + self.y_mean
+
+
+def _centred_system(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, center: bool):
+    xm = x[rows].mean(0) if center else torch.zeros(x.shape[1], dtype=x.dtype)
+    ym = y[rows].mean(0) if center else torch.zeros(y.shape[1], dtype=y.dtype)
+    xc, yc = x[rows] - xm, y[rows] - ym
+    gram = xc.T @ xc
+    return xm, ym, gram, xc.T @ yc, float(torch.diagonal(gram).mean().clamp_min(1e-30))
+
+
+def fit_ridge(x: torch.Tensor, y: torch.Tensor, *, lambdas: Sequence[float] = LAMBDA_GRID, holdout: float = 0.2,
+              seed: int = 0, center: bool = True) -> RidgeFit:
+    """Ridge regression ``x → y`` in float64: λ (relative to the Gram matrix's mean diagonal) is the one with the
+    lowest held-out squared error on a seeded ``holdout`` split, then the map is refitted on every row."""
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ActlabError(f"ridge regression needs [n, d] inputs with the same n; got {tuple(x.shape)} and "
+                          f"{tuple(y.shape)}")
+    if not lambdas:
+        raise ActlabError("no ridge λ given: pass at least one value")
+    n = x.shape[0]
+    x, y = x.double(), y.double()
+    train, val = split_indices(n, held_out_count(n, holdout, at_least=1), seed, sort=False)
+    xm, ym, gram, cross, scale = _centred_system(x, y, train, center)
+    best: tuple[float, float, float] | None = None
+    for lam in lambdas:
+        pred = (x[val] - xm) @ ridge_solve(gram, cross, lam * scale) + ym
+        err = float(((pred - y[val]) ** 2).mean())
+        if best is None or err < best[1]:
+            best = (float(lam), err, r2_score(pred, y[val]))
+    lam, _, r2_val = best
+    xm, ym, gram, cross, scale = _centred_system(x, y, torch.arange(n), center)
+    weight = ridge_solve(gram, cross, lam * scale)
+    return RidgeFit(weight=weight, x_mean=xm, y_mean=ym, lam=lam, r2=r2_val,
+                    train_r2=r2_score((x - xm) @ weight + ym, y))
