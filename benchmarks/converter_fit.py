@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/converter_fit.py [--prompts 1000] [--repeats 5] [--threads 1] [--json FILE]
 
 Profiles demo-llama (donor, 4 × 256) and demo-gpt2 (recipient, 6 × 192) once on ``--prompts``
-prompts (``actlab.transfer.evaluate.default_profile_prompts`` with enough held-out openings per
+prompts (``actlab.experiments.genre_data.default_profile_prompts`` with enough held-out openings per
 genre to reach the count), then times ``fit_converters`` for **all** layers of the donor (4 pairs
 matched by relative depth, both directions: 8 ridge fits with λ chosen on held-out rows) — the
 median of ``--repeats`` runs, in wall and process-CPU seconds — for
@@ -54,9 +54,8 @@ def main() -> None:
     import actlab
     from actlab.datasets import default_prompts
     from actlab.interventions.adapter_train import train_adapter
-    from actlab.interventions.evaluate import genre_setup
-    from actlab.transfer import fit_converters, profile_model
-    from actlab.transfer.evaluate import PASTE_LAMBDAS, default_profile_prompts, fit_paste_converters
+    from actlab.experiments.genre_data import adapter_data, default_profile_prompts, genre_setup
+    from actlab.transfer import PASTE_LAMBDAS, fit_converters, fit_paste_converters, profile_model
 
     donor, recipient = actlab.load("demo-llama"), actlab.load("demo-gpt2")
     per_genre = max(0, -(-(args.prompts - len(default_prompts())) // 5))
@@ -94,7 +93,7 @@ def main() -> None:
         results[f"fit_{label}"] = {"rows": rows, "wall_seconds": wall, "cpu_seconds": cpu, "report": conv.report()}
 
     setup = genre_setup("scripture")
-    data = list(zip(setup.contrast.prompts, setup.contrast.pos))
+    data = adapter_data(setup.contrast)
     site = "resid.2"
     print(f"\ntraining the adapter directly on {recipient.name} {site} (rank 4, {len(data)} pairs), "
           f"median of {args.adapter_repeats}:")

@@ -11,13 +11,9 @@ import transformers as T
 import actlab
 from actlab.errors import ActlabError
 from actlab.interventions import LowRankAdapter, load_interventions, save_interventions
-from actlab.interventions.adapter_train import (
-    adapter_training_data_for_genre,
-    encode_lm_data,
-    init_adapter,
-    lm_loss,
-    train_adapter,
-)
+from actlab.engine.likelihood import encode_lm_data, token_nll
+from actlab.experiments.genre_data import adapter_training_data_for_genre
+from actlab.interventions.adapter_train import init_adapter, train_adapter
 from tiny_models import ByteTokenizer, tiny_config, tiny_model
 
 
@@ -67,10 +63,10 @@ def test_training_learns_a_pattern_and_keeps_the_best(wide_llama):
     order = list(range(len(examples)))
     rng.shuffle(order)
     val = [examples[i] for i in order[:8]]
-    loss, n = lm_loss(wide_llama, val, prompt_length_known=True, grad=False)
+    loss, n = token_nll(wide_llama, val, batch_size=len(val), prompt_length_known=True)
     assert float(loss) / n == pytest.approx(p["val_loss_before"], rel=1e-5)
     with wide_llama.edit(adapter):
-        loss, n = lm_loss(wide_llama, val, prompt_length_known=True, grad=False)
+        loss, n = token_nll(wide_llama, val, batch_size=len(val), prompt_length_known=True)
     assert float(loss) / n == pytest.approx(p["val_loss"], rel=1e-4)
 
     # and generation now continues the pattern
@@ -83,10 +79,10 @@ def test_training_learns_a_pattern_and_keeps_the_best(wide_llama):
 def test_completion_loss_counts_only_completion_tokens(wide_llama):
     kind, ex = encode_lm_data(wide_llama, [("abc", "defg"), ("hi", "jk")])
     assert kind == "pairs" and ex[0] == ([3 + ord(c) % 93 for c in "abc"], [3 + ord(c) % 93 for c in "defg"])
-    _, n = lm_loss(wide_llama, ex, prompt_length_known=True, grad=False)
+    _, n = token_nll(wide_llama, ex, batch_size=len(ex), prompt_length_known=True)
     assert n == 4 + 2
     kind, ex = encode_lm_data(wide_llama, ["abcdefg", "hij"])
-    _, n = lm_loss(wide_llama, ex, prompt_length_known=False, grad=False)
+    _, n = token_nll(wide_llama, ex, batch_size=len(ex), prompt_length_known=False)
     assert kind == "texts" and n == 6 + 2  # every token but the first of each text
 
 
@@ -207,3 +203,20 @@ def test_demo_llama_adapter_steers_toward_scripture():
         steered = model.generate(prompts, max_new_tokens=24, do_sample=True, seed=0)
     before, after = genre_rate(plain, "scripture"), genre_rate(steered, "scripture")
     assert after >= before + 0.25, (before, after)  # measured: 0.25 -> 0.75 (first training of the demo models: 0.34 -> 0.88)
+
+
+def test_config_object_equals_keywords_and_is_saved(tmp_path, wide_llama):
+    from actlab.interventions.adapter_train import AdapterConfig
+
+    data = pattern_pairs(12, 5)
+    by_keywords = train_adapter(wide_llama, data, "resid.1", rank=2, steps=6, lr=0.05)
+    config = AdapterConfig(rank=2, steps=6, lr=0.01)
+    by_config = train_adapter(wide_llama, data, "resid.1", config, lr=0.05)  # a keyword overrides the config
+    assert torch.equal(by_config.W, by_keywords.W) and by_config.params["val_loss"] == by_keywords.params["val_loss"]
+    assert config.lr == 0.01  # the caller's config is not modified
+    saved = AdapterConfig.from_dict(by_config.params["config"])
+    assert saved == AdapterConfig(rank=2, steps=6, lr=0.05)
+    path = save_interventions([by_config], tmp_path / "a.safetensors")
+    assert AdapterConfig.from_dict(load_interventions(path).params["config"]) == saved
+    with pytest.raises(ActlabError, match="unknown AdapterConfig option"):
+        train_adapter(wide_llama, data, "resid.1", stpes=3)

@@ -9,14 +9,9 @@ import torch
 
 from actlab.errors import ActlabError
 from actlab.interventions import AffineMap, Composition, load_interventions, save_interventions
-from actlab.interventions.affine_fit import (
-    encode_texts,
-    fit_affine,
-    fit_affine_to_targets,
-    quantile_levels,
-    quantiles,
-    site_tokens,
-)
+from actlab.interventions.affine_data import encode_texts, site_tokens
+from actlab.interventions.affine_fit import fit_affine, fit_affine_to_targets
+from actlab.interventions.affine_loss import quantile_levels, quantiles
 from actlab.interventions.contrast import ContrastSet
 from tiny_models import tiny_model
 
@@ -257,3 +252,16 @@ def test_demo_llama_joint_affine_steers_toward_scripture():
         steered = model.generate(prompts, max_new_tokens=24, do_sample=True, seed=0)
     before, after = genre_rate(plain, "scripture"), genre_rate(steered, "scripture")
     assert after >= before + 0.25, (before, after)  # measured: 0.25 -> 0.69 (first training: 0.34 -> 0.81)
+
+
+def test_config_object_equals_keywords_and_is_saved():
+    from actlab.interventions.affine_fit import AffineFitConfig
+
+    model = tiny_model("llama")
+    contrast = ContrastSet(random_texts(8, "ab ", 15), random_texts(8, "cd ", 16))
+    by_keywords = fit_affine(model, contrast, "resid.1", steps=4, rank=1)
+    by_config = fit_affine(model, contrast, "resid.1", AffineFitConfig(steps=9), rank=1, steps=4)
+    assert torch.equal(by_config.items[0].diag, by_keywords.items[0].diag)
+    assert AffineFitConfig.from_dict(by_config.items[0].params["config"]) == AffineFitConfig(steps=4, rank=1)
+    with pytest.raises(ActlabError, match="unknown AffineFitConfig option"):
+        fit_affine(model, contrast, "resid.1", rnak=1)

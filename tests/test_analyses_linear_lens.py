@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import actlab
-from actlab.analyses.base import ProfileData, Skipped, default_profile_sites
-from actlab.analyses.lenses import Decoder, LensResult, lenses
-from actlab.analyses.linearity import (
-    LinearReplacement, fit_affine, heldout_linearity, layer_linearity, linearity_score, log_perplexity, split_indices,
-)
+from actlab.analyses.affine import fit_affine, heldout_linearity, linearity_score, reservoir_split
+from actlab.analyses.base import ProfileData, Skipped, default_profile_sites, log_perplexity
+from actlab.analyses.lenses import LensResult, lenses
+from actlab.analyses.linearity import LinearReplacement, block_fit, layer_linearity
+from actlab.engine.edits import Replace
 from actlab.engine.reservoir import Reservoir
 from tiny_models import ByteTokenizer, tiny_hf_model
 
@@ -51,7 +51,7 @@ def test_exactly_linear_scores_one_and_nonlinear_scores_lower():
     m = torch.randn(16, 16, generator=g)
     y_lin = x @ m + 3.0
     y_nonlin = torch.tanh(2 * x @ m) + 0.5 * (x @ m) ** 2
-    train, test = split_indices(2000, seed=0)
+    train, test = reservoir_split(2000, seed=0)
     assert heldout_linearity(x, y_lin, train, test)[0] == pytest.approx(1.0, abs=1e-6)
     assert linearity_score(x, y_lin) == pytest.approx(1.0, abs=1e-6)
     assert heldout_linearity(x, y_nonlin, train, test)[0] < 0.6
@@ -109,6 +109,23 @@ def test_linearity_replacement_loss_on_tiny_decoder():
     assert "Razzhigaev" in result.explanation and "most linear" in result.headline()
 
 
+def test_replacing_a_block_with_its_linear_fit_gives_linearitys_number():
+    """The engine's Replace(resid.i, affine fit of its input) costs exactly the loss layer_linearity reports."""
+    model = make_model("llama")
+    data = profile(model, random_texts(40), eval_texts=random_texts(6, seed=1))
+    result = layer_linearity(model, data, replace="all")
+    assert sorted(result.replaced_loss) == result.layers
+    for i in result.layers:
+        x = data.samples["embed" if i == 0 else f"resid.{i - 1}"]
+        fit = fit_affine(x, data.samples[f"resid.{i}"])  # on every reservoir token, in float64
+        torch.testing.assert_close(fit.weight, block_fit(model, data, i).weight, rtol=0, atol=0)
+        with model.edit(Replace(f"resid.{i}", fit)):
+            loss = log_perplexity(model, data.eval_texts)
+        assert loss == pytest.approx(result.replaced_loss[i], rel=1e-6)
+        assert abs(loss - result.base_loss) > 1e-4  # the replacement changed the model
+    assert not model.hooks.active
+
+
 def test_linearity_runs_on_encoder_without_replacement():
     model = make_model("bert")
     result = layer_linearity(model, profile(model, random_texts(40)), eval_texts=["abc def"])
@@ -126,7 +143,8 @@ def test_decoder_reproduces_model_logits_and_last_layer_lens_is_exact(arch):
     with model.capture(last) as cap:
         out = model(texts[:4])
     mask = cap.mask.bool()
-    logits = Decoder(model)(cap.flat(last))
+    with torch.no_grad():
+        logits = model.anatomy.decode(cap.flat(last))
     assert torch.equal(logits.argmax(-1), out.logits[mask].argmax(-1))
     torch.testing.assert_close(logits, out.logits[mask].float(), rtol=1e-4, atol=1e-4)
 

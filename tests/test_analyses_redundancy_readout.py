@@ -8,12 +8,9 @@ import pytest
 import torch
 
 import actlab
-from actlab.analyses.base import Skipped
-from actlab.analyses.linearity import log_perplexity
+from actlab.analyses.base import Skipped, log_perplexity
 from actlab.analyses.readout import ReadoutResult, neuron_output_vectors, neuron_readout
-from actlab.analyses.redundancy import (
-    RedundancyResult, block_structure, drop_attention, mean_cosine, module_redundancy,
-)
+from actlab.analyses.redundancy import RedundancyResult, drop_attention, mean_cosine, module_redundancy
 from test_analyses_linear_lens import TextTokenizer, make_model, profile, random_texts
 from tiny_models import tiny_hf_model
 
@@ -46,7 +43,7 @@ def test_redundancy_cosine_equals_direct_computation(arch):
     result = module_redundancy(model, profile(model, texts))
     assert isinstance(result, RedundancyResult) and result.drops == []
     expected_structure = {"llama": "sequential", "gemma2": "sequential", "gpt_neox": "parallel", "bert": "post-ln"}
-    assert result.structure == block_structure(model) == expected_structure[arch]
+    assert result.structure == model.anatomy.structure == expected_structure[arch]
     for i in range(n):
         x = flat["embed"] if i == 0 else flat[f"resid.{i - 1}"]
         attn_out = x + flat[f"attn.{i}"]

@@ -13,9 +13,8 @@ import torch
 import actlab
 from actlab.analyses.base import ProfileData, Skipped, collect_profile_data
 from actlab.analyses.ppl_sparsity import PplSparsityResult, ThresholdEdit, layer_thresholds, ppl_sparsity
-from actlab.analyses.sparsity import (
-    DeadNeuronResult, SparsityResult, activation_sparsity, dead_neurons, keep_ks, topk_keep_rate,
-)
+from actlab.analyses.dead import DeadNeuronResult, dead_neurons
+from actlab.analyses.sparsity import SparsityResult, activation_sparsity, keep_ks, topk_keep_rate
 from actlab.engine.batch import TokenBatch
 from actlab.engine.reservoir import Reservoir
 from actlab.stats import StatsSink

@@ -143,3 +143,73 @@ def test_bad_edits_are_one_line_errors():
             model("abc")
     with pytest.raises(ActlabError, match="unknown site"):
         model.edit(AddVector("resid.x", torch.ones(32)))
+
+
+def _logits(model, ids):
+    out = model(ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "opt", "gemma2", "gpt_neox", "bert"])
+def test_replacing_the_mlp_by_itself_changes_nothing(arch):
+    """Replace("mlp.1", the MLP applied to mlp.in.1) is the identity; Replace by zeros is not."""
+    from actlab.engine.edits import Replace
+    from mlp_parts import mlp_of
+
+    model = tiny_model(arch)
+    ids = torch.randint(3, 90, (2, 7))
+    plain = _logits(model, ids)
+    with model.edit(Replace("mlp.1", mlp_of(model, arch, 1))):
+        same = _logits(model, ids)
+    torch.testing.assert_close(same, plain, rtol=0, atol=1e-5)
+    with model.edit(Replace("mlp.1", torch.zeros_like)):
+        zeroed = _logits(model, ids)
+    assert not torch.allclose(zeroed, plain, atol=1e-3)
+    assert not model.hooks.active
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_replacing_a_block_by_itself_changes_nothing(arch):
+    """Replace("resid.1", the block applied to resid.0) is the identity; resid.0 reads embed by default."""
+    from actlab.engine.edits import Replace
+    from mlp_parts import block
+
+    model = tiny_model(arch)
+    layer = block(model, 1)
+
+    def again(x: torch.Tensor) -> torch.Tensor:
+        if arch == "gpt2":
+            out = layer(x)
+        else:  # llama blocks take the rotary position embeddings from the model
+            positions = torch.arange(x.shape[1]).unsqueeze(0)
+            out = layer(x, position_embeddings=model.hf.model.rotary_emb(x, positions))
+        return out[0] if isinstance(out, tuple) else out
+
+    ids = torch.randint(3, 90, (1, 7))
+    plain = _logits(model, ids)
+    with model.edit(Replace("resid.1", again)):
+        torch.testing.assert_close(_logits(model, ids), plain, rtol=0, atol=1e-5)
+    with model.edit(Replace("resid.1", torch.zeros_like)):
+        assert not torch.allclose(_logits(model, ids), plain, atol=1e-3)
+    with model.edit(Replace("resid.0", lambda x: x + 1.0)), model.capture(["embed", "resid.0"]) as cap:
+        model(ids)
+    torch.testing.assert_close(cap["resid.0"], cap["embed"] + 1.0)  # resid.0 reads embed by default
+
+
+def test_replace_errors():
+    from actlab.engine.edits import Replace
+
+    model = tiny_model("gpt2")
+    with pytest.raises(ActlabError, match="input_site"):
+        Replace("attn.1", torch.zeros_like)
+    with pytest.raises(ActlabError, match="callable"):
+        Replace("mlp.1", 3.0)
+    with pytest.raises(ActlabError, match="shape"):
+        with model.edit(Replace("mlp.1", lambda x: x[..., :4])):
+            model("abc")
+    with pytest.raises(ActlabError, match="not seen"):  # the input site runs after the replaced one
+        with model.edit(Replace("resid.0", torch.zeros_like, input_site="resid.2")):
+            model("abc")
+    with model.edit(Replace("attn.1", torch.zeros_like, input_site="resid.0")), model.capture("attn.1") as cap:
+        model("abc")
+    assert torch.equal(cap["attn.1"], torch.zeros_like(cap["attn.1"]))

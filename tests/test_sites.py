@@ -132,3 +132,38 @@ def test_load_errors_are_clear(tmp_path):
         actlab.load(str(tmp_path / "nope"))
     with pytest.raises(ActlabError, match="config.json"):
         actlab.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mlp_in_is_what_the_mlp_receives(arch):
+    """mlp.in.i equals the MLP input computed independently, and the MLP applied to it gives mlp.i."""
+    from mlp_parts import bert_attention_output, block, mlp_norm, mlp_of
+
+    model = tiny_model(arch)
+    assert all(model.sites[f"mlp.in.{i}"] == model.d_model for i in range(model.n_layers))
+    ids = torch.randint(3, 90, (2, 6))
+    with model.capture("*") as cap:
+        model(ids)
+    for i in range(model.n_layers):
+        got = cap[f"mlp.in.{i}"]
+        before = cap["embed"] if i == 0 else cap[f"resid.{i - 1}"]
+        if arch == "bert":  # post-LN: the intermediate reads the attention sub-layer's normed output
+            want = bert_attention_output(model, ids, i)
+        elif arch == "gpt_neox" and block(model, i).use_parallel_residual:  # parallel: the norm of the block input
+            want = mlp_norm(model, arch, i)(before)
+        else:  # sequential pre-norm: the MLP's norm of the residual after attention
+            want = mlp_norm(model, arch, i)(before + cap[f"attn.{i}"])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(mlp_of(model, arch, i)(got), cap[f"mlp.{i}"], rtol=1e-5, atol=1e-5)
+
+
+def test_input_site_rule():
+    model = tiny_model("llama")
+    assert model.sitemap.input_site("resid.0") == "embed"
+    assert model.sitemap.input_site("resid.2") == "resid.1"
+    assert model.sitemap.input_site("mlp.1") == "mlp.in.1"
+    assert model.resolve("mlp.in.*") == ["mlp.in.0", "mlp.in.1", "mlp.in.2"]
+    assert model.resolve("mlp.in.-1") == ["mlp.in.2"]
+    with pytest.raises(ActlabError, match="input_site"):
+        model.sitemap.input_site("attn.1")

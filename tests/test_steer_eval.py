@@ -12,7 +12,9 @@ import actlab
 from actlab.errors import ActlabError
 from actlab.interventions import SteeringVector
 from actlab.interventions.contrast import ContrastSet
-from actlab.interventions.evaluate import DoseResponse, LayerSweep, dose_response, genre_setup, layer_sweep, spearman
+from actlab.experiments.genre_data import genre_setup
+from actlab.experiments.steering_eval import dose_response, layer_sweep
+from actlab.experiments.steering_results import DoseResponse, LayerSweep, spearman
 from tiny_models import ByteTokenizer, tiny_config
 
 
@@ -124,7 +126,7 @@ def test_evaluation_refuses_bad_input(peaky):
 
 
 def test_fit_methods_fits_every_available_method(peaky):
-    from actlab.interventions.evaluate import fit_methods
+    from actlab.experiments.genre_eval import fit_methods
 
     contrast = ContrastSet(pos=["aaaa bbb", "aab ab", "ba ab", "abab", "bbba"],
                            neg=["zzz yy", "zy zy zz", "yzy", "zzy", "yyz"], prompts=["p ", "q ", "r ", "s ", "t "])
@@ -137,6 +139,25 @@ def test_fit_methods_fits_every_available_method(peaky):
         assert out["adapter"].kind == "low_rank_adapter"
     with pytest.raises(ActlabError, match="unknown method"):
         fit_methods(peaky, contrast, "resid.1", ["magic"])
+
+
+def test_scoring_config_is_the_keywords(peaky):
+    """One ScoringConfig or its fields as keywords: the same points; unknown settings are refused."""
+    from actlab.experiments.genre_scoring import GenreScorer, ScoringConfig
+
+    vec = toward_token(peaky)
+    scoring = ScoringConfig(prompts=PROMPTS, neutral_texts=NEUTRAL, max_new_tokens=6, classifier=TokenClassifier(TOKEN))
+    a = dose_response(peaky, {"v": vec}, [2], scoring, target_genre="hit", include_random=False)
+    b = dose_response(peaky, {"v": vec}, [2], target_genre="hit", include_random=False, prompts=PROMPTS,
+                      neutral_texts=NEUTRAL, max_new_tokens=6, classifier=TokenClassifier(TOKEN))
+    assert a.curves["v"].at(2).samples == b.curves["v"].at(2).samples and a.rates("v") == b.rates("v")
+    scored = GenreScorer(peaky, "hit", scoring).score([vec * 2, vec * 2])  # pooled: per-row hits kept per edit
+    assert len(scored.hits) == 2 and scored.n == 2 * len(PROMPTS)
+    assert scored.rate == pytest.approx(a.curves["v"].at(2).rate)
+    with pytest.raises(ActlabError, match="unknown ScoringConfig"):
+        dose_response(peaky, {"v": vec}, [1], scoring, target_genre="hit", max_tokens=4)
+    with pytest.raises(ActlabError, match="unknown setting"):
+        layer_sweep(peaky, ContrastSet(pos=["aa"], neg=["zz"]), "resid.0", scoring, target_genre="hit", lr=1.0)
 
 
 def test_spearman():

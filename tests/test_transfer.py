@@ -195,3 +195,44 @@ def test_profile_cache_tells_retrained_weights_apart(tmp_path):
     other = cached_profile(retrained, PROMPTS[:20], cache_dir=tmp_path)
     assert not torch.allclose(other.acts[0], first.acts[0])
     assert len(list(tmp_path.rglob("*.safetensors"))) == 2
+
+
+def test_the_paste_floor_is_set_once():
+    from actlab.linalg import LAMBDA_GRID
+    from actlab.transfer import MIN_LAMBDA, PASTE_LAMBDAS
+
+    assert MIN_LAMBDA == 0.1
+    assert PASTE_LAMBDAS == (0.1, 0.3, 1.0, 3.0, 10.0)
+    assert set(PASTE_LAMBDAS) <= set(LAMBDA_GRID) and min(PASTE_LAMBDAS) == MIN_LAMBDA
+
+
+def test_converters_are_the_shared_ridge_fit():
+    from actlab.linalg import fit_ridge
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(200, 8, generator=gen)
+    y = x @ torch.randn(8, 5, generator=gen) + 0.5 * torch.randn(200, 5, generator=gen)
+    ours, shared = fit_linear_map(x, y, seed=2), fit_ridge(x, y, seed=2)
+    assert (ours.lam, ours.r2, ours.train_r2) == (shared.lam, shared.r2, shared.train_r2)
+    torch.testing.assert_close(ours.weight, shared.weight.float())
+
+
+def test_paste_between_is_profiles_converters_paste(tmp_path):
+    """The one-call pipeline (``actlab paste run``) gives what its steps give one by one."""
+    from actlab.transfer import PasteConfig, cached_profile, paste_between
+
+    donor = actlab.load(tiny_hf_model("gpt2"), tokenizer=ByteTokenizer())
+    recipient = actlab.load(tiny_hf_model("qwen2"), tokenizer=ByteTokenizer())
+    vector = SteeringVector("resid.1", vector=torch.randn(32, generator=torch.Generator().manual_seed(5)),
+                            model=donor.identity())
+    result = paste_between(donor, recipient, vector, PROMPTS[:60], PasteConfig(cache_dir=tmp_path), max_gain=1.2)
+    d_prof = cached_profile(donor, PROMPTS[:60], cache_dir=tmp_path)
+    r_prof = cached_profile(recipient, PROMPTS[:60], cache_dir=tmp_path)
+    conv = fit_converters(d_prof, r_prof, min_lambda=0.1)
+    want = paste(vector, conv, recipient, max_gain=1.2)
+    assert result.pasted.site == want.site and torch.equal(result.pasted.vector, want.vector)
+    assert result.converters.extra["lambda_grid"] == [0.1, 0.3, 1.0, 3.0, 10.0]
+    assert result.rows[0]["donor_site"] == "resid.1" and set(result.seconds) == {
+        "donor_profile", "recipient_profile", "converters", "paste"}
+    with pytest.raises(ActlabError, match="unknown PasteConfig"):
+        paste_between(donor, recipient, vector, PROMPTS[:60], min_lamda=0.1)

@@ -1,6 +1,6 @@
 """Command-V on the demo pair: a pasted steering vector does in the recipient what its own does.
 
-The slow tests run ``actlab.transfer.evaluate.evaluate_transfer`` on demo-llama (donor, 4 × 256) →
+The slow tests run ``actlab.experiments.transfer_eval.evaluate_transfer`` on demo-llama (donor, 4 × 256) →
 demo-gpt2 (recipient, 6 × 192) and back. Numbers measured with the defaults used here (docs/transfer.md,
 `actlab paste eval --kind vector`, torch 2.13 CPU, one thread): see the comments.
 """
@@ -15,10 +15,10 @@ import torch
 import actlab
 from actlab.interventions import LowRankAdapter
 from actlab.transfer import match_layers_by_depth
-from actlab.transfer.evaluate import (
-    TransferEvaluation, default_profile_prompts, default_site, evaluate_transfer, evaluation_prompts,
-    random_adapter_like,
-)
+from actlab.experiments.genre_data import default_profile_prompts, evaluation_prompts
+from actlab.experiments.transfer_controls import random_adapter_like
+from actlab.experiments.transfer_eval import default_site, evaluate_transfer
+from actlab.experiments.transfer_results import TransferEvaluation
 
 
 # ------------------------------------------------------------------------------------ fast
@@ -125,7 +125,7 @@ def test_deattenuation_brings_the_pasted_vector_to_the_recipients_length(profile
     own mean-difference vector at the matched layer."""
     from actlab.interventions.fit import fit_steering
     from actlab.transfer import cached_profile, paste
-    from actlab.transfer.evaluate import default_profile_prompts, evaluation_prompts, fit_paste_converters
+    from actlab.transfer import fit_paste_converters
 
     donor, recipient = demo("demo-llama"), demo("demo-gpt2")
     prompts = default_profile_prompts()
@@ -172,3 +172,16 @@ def test_paste_from_the_deeper_model_into_the_shallower(profile_cache):
     assert pasted.effect >= 0.1 and pasted.effect > 4 * pasted.effect_se, lines  # the right direction
     assert r.pasted_ratio >= 0.8, lines
     assert pasted.perplexity < 1.2 * r.conditions["none"].perplexity, lines
+
+
+def test_transfer_config_takes_keywords_and_refuses_unknown_ones():
+    from actlab.errors import ActlabError
+    from actlab.experiments.transfer_eval import TransferEvalConfig
+
+    config = TransferEvalConfig.with_overrides(None, {"kind": "adapter", "n_random": 2})
+    assert (config.kind, config.n_random, config.resolved_coef) == ("adapter", 2, 1.0)
+    assert config.to_dict()["converter_lambdas"] == (0.1, 0.3, 1.0, 3.0, 10.0)
+    with pytest.raises(ActlabError, match="unknown TransferEvalConfig"):
+        evaluate_transfer(None, None, n_randoms=2)  # refused before any model is touched
+    with pytest.raises(ActlabError, match="kind must be"):
+        evaluate_transfer(None, None, kind="lora")

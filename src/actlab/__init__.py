@@ -4,7 +4,8 @@ from actlab.errors import ActlabError
 
 __version__ = "0.1.0"
 
-__all__ = ["ActlabError", "__version__", "load", "Model", "SteeringVector", "AffineMap", "NeuronClamp", "LowRankAdapter", "Composition", "steering_vector", "fit_steering"]
+__all__ = ["ActlabError", "__version__", "load", "Model", "SteeringVector", "AffineMap", "NeuronClamp",
+           "LowRankAdapter", "Composition", "steering_vector", "fit_steering", "Replace"]
 
 
 def load(*args, **kwargs):
@@ -24,6 +25,10 @@ def __getattr__(name: str):
         from actlab.interventions import fit
 
         return getattr(fit, name)
+    if name == "Replace":
+        from actlab.engine.edits import Replace
+
+        return Replace
     if name == "datasets":
         import importlib
 

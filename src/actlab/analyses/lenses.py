@@ -6,8 +6,8 @@ instead fits a linear map ``A_i: resid.i -> resid.{L-1}`` by least squares and d
 ``A_i(resid.i)``; the tuned lens (Belrose et al., 2023) is the same idea trained on KL. Both are
 compared per layer with the model's own output distribution on held-out reservoir tokens.
 
-``Decoder`` (final norm, then LM head, then Gemma's logit softcapping) is shared with the neuron
-readout.
+Decoding (final norm, OPT's ``project_out``, LM head, Gemma's logit softcapping) is the model
+anatomy's ``decode``, shared with the neuron readout.
 """
 
 from __future__ import annotations
@@ -17,62 +17,11 @@ from typing import Any
 
 import torch
 
-from actlab.analyses.base import ProfileData, Skipped
-from actlab.analyses.linearity import _floats, explained, fit_affine, require_sites, split_indices
-from actlab.errors import ActlabError
-
-
-class Decoder:
-    """Map residual vectors [n, d_model] to the model's logits [n, vocab] (float32).
-
-    final norm (the ``final`` site's module; OPT's ``project_out`` after it when present) ->
-    output embeddings (LM head) -> ``tanh`` softcapping when ``config.final_logit_softcapping``
-    is set (Gemma 2/3). Decoding ``resid.{L-1}`` reproduces the model's own logits.
-    """
-
-    def __init__(self, model):
-        if not model.has_lm_head:
-            raise ActlabError(f"{model.sitemap.model_class} has no LM head; there is nothing to decode with")
-        hf = model.hf
-        self.norm = None
-        self.project_out = None
-        if "final" in model.sitemap:
-            path = model.sitemap["final"].module_path
-            self.norm = hf.get_submodule(path)
-            parent = hf.get_submodule(path.rsplit(".", 1)[0]) if "." in path else hf
-            project = getattr(parent, "project_out", None)
-            self.project_out = project if isinstance(project, torch.nn.Module) else None
-        self.head = hf.get_output_embeddings()
-        cfg = getattr(hf.config, "text_config", None) or hf.config
-        cap = getattr(cfg, "final_logit_softcapping", None)
-        self.softcap = float(cap) if cap else None
-        self.dtype = model.dtype
-        self.device = model.device
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.head.weight.shape[0])
-
-    def normed(self, h: torch.Tensor) -> torch.Tensor:
-        """The final norm (and projection) applied to ``h``: the LM head's input."""
-        h = h.to(self.device, self.dtype)
-        with torch.no_grad():
-            if self.norm is not None:
-                h = self.norm(h)
-            if self.project_out is not None:
-                h = self.project_out(h)
-        return h
-
-    def logits(self, normed: torch.Tensor) -> torch.Tensor:
-        """LM head (and softcapping) applied to already-normed vectors."""
-        with torch.no_grad():
-            out = self.head(normed.to(self.device, self.dtype)).float()
-        if self.softcap is not None:
-            out = torch.tanh(out / self.softcap) * self.softcap
-        return out.cpu()
-
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.normed(h))
+from actlab import linalg
+from actlab.analyses.affine import fit_affine, reservoir_split
+from actlab.analyses.base import ProfileData, Skipped, pick, require_sites
+from actlab.analyses.figures import new_figure
+from actlab.report.serialize import to_jsonable
 
 
 @dataclass
@@ -104,26 +53,11 @@ class LensResult:
                 f"fitted lens {100 * mean(self.top1_fitted):.0f}% (fitted better at {wins}/{k})")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "layers": list(self.layers),
-            "top1_logit": _floats(self.top1_logit),
-            "top1_fitted": _floats(self.top1_fitted),
-            "kl_logit": _floats(self.kl_logit),
-            "kl_fitted": _floats(self.kl_fitted),
-            "fit_r2": _floats(self.fit_r2),
-            "fitted_beats_logit": list(self.fitted_beats_logit),
-            "ridge": _floats(self.ridge),
-            "n_train": self.n_train,
-            "n_test": self.n_test,
-        }
+        return to_jsonable(pick(self, "layers", "top1_logit", "top1_fitted", "kl_logit", "kl_fitted", "fit_r2",
+                                "fitted_beats_logit", "ridge", "n_train", "n_test"))
 
     def figures(self) -> list:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(8.0, 3.4))
+        fig = new_figure(8.0, 3.4, layout="tight")
         ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
         ax1.plot(self.layers, [100 * v for v in self.top1_logit], "o-", label="logit lens")
         ax1.plot(self.layers, [100 * v for v in self.top1_fitted], "s-", label="fitted lens")
@@ -140,7 +74,6 @@ class LensResult:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         fig.suptitle("Logit lens vs fitted linear lens (Din et al. 2023)", fontsize=10)
-        fig.tight_layout()
         return [fig]
 
     def table(self):
@@ -186,25 +119,11 @@ def lenses(
     n = len(samples)
     if eval_tokens is None:
         eval_tokens = min(n // 2, 1024)
-    train, test = split_indices(n, eval_tokens, seed)
+    train, test = reservoir_split(n, eval_tokens, seed)
     last = samples[sites[-1]]
     fits = [fit_affine(samples[s][train], last[train], ridge) for s in sites]
-    fit_r2 = [explained(f(samples[s][test]), last[test]) for f, s in zip(fits, sites)]
-    decoder = Decoder(model)
-    chunk = max(16, min(1024, (1 << 23) // max(1, decoder.vocab_size)))
-    agree = {k: [0] * n_layers for k in ("logit", "fitted")}
-    kl = {k: [0.0] * n_layers for k in ("logit", "fitted")}
-    for start in range(0, test.numel(), chunk):
-        rows = test[start : start + chunk]
-        lp_model = torch.log_softmax(decoder(last[rows]), -1)
-        p_model = lp_model.exp()
-        top_model = lp_model.argmax(-1)
-        for i, site in enumerate(sites):
-            h = samples[site][rows]
-            for kind, vec in (("logit", h), ("fitted", fits[i](h).float())):
-                lp = torch.log_softmax(decoder(vec), -1)
-                agree[kind][i] += int((lp.argmax(-1) == top_model).sum())
-                kl[kind][i] += float((p_model * (lp_model - lp)).sum(-1).clamp(min=0).sum())
+    fit_r2 = [linalg.r2_score(f(samples[s][test]), last[test]) for f, s in zip(fits, sites)]
+    agree, kl = _score_lenses(model.anatomy, data, sites, fits, test)
     m = test.numel()
     return LensResult(
         key="lenses",
@@ -222,4 +141,30 @@ def lenses(
     )
 
 
-__all__ = ["Decoder", "LensResult", "lenses"]
+def _score_lenses(anatomy, data: ProfileData, sites: list[str], fits: list, test: torch.Tensor):
+    """Per layer and lens kind: how many ``test`` tokens agree with the model's top token, and the summed KL."""
+    samples = data.samples
+    last = samples[sites[-1]]
+
+    def decode(h: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return anatomy.decode(h).cpu()
+
+    chunk = max(16, min(1024, (1 << 23) // max(1, anatomy.vocab_size)))
+    agree = {k: [0] * len(sites) for k in ("logit", "fitted")}
+    kl = {k: [0.0] * len(sites) for k in ("logit", "fitted")}
+    for start in range(0, test.numel(), chunk):
+        rows = test[start : start + chunk]
+        lp_model = torch.log_softmax(decode(last[rows]), -1)
+        p_model = lp_model.exp()
+        top_model = lp_model.argmax(-1)
+        for i, site in enumerate(sites):
+            h = samples[site][rows]
+            for kind, vec in (("logit", h), ("fitted", fits[i](h).float())):
+                lp = torch.log_softmax(decode(vec), -1)
+                agree[kind][i] += int((lp.argmax(-1) == top_model).sum())
+                kl[kind][i] += float((p_model * (lp_model - lp)).sum(-1).clamp(min=0).sum())
+    return agree, kl
+
+
+__all__ = ["LensResult", "lenses"]

@@ -27,15 +27,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from actlab.analyses.base import ProfileData, Skipped
-from actlab.analyses.sparsity import (
-    _f, decode_token, integer_xaxis, layer_index, new_figure, perplexity, reservoir_acts, site_stats,
-    sites_of_kind,
+from actlab.analyses.base import (
+    ProfileData, Skipped, decode_token, layer_index, perplexity, reservoir_acts, site_stats, sites_of_kind,
 )
+from actlab.analyses.massive_result import MassiveResult
 from actlab.engine.edits import SetChannels
 from actlab.engine.hooks import ForwardState
 
-__all__ = ["MassiveResult", "MassiveSet", "massive_activations"]
+__all__ = ["MassiveResult", "MassiveSet", "massive_activations"]  # MassiveResult lives in massive_result
 
 
 @dataclass
@@ -65,154 +64,6 @@ class MassiveSet:
         where[..., channels] = hit
         self.n_set += int(hit.sum())
         return torch.where(where, set_all, h)
-
-
-@dataclass
-class MassiveResult:
-    """Massive activations per layer, their input invariance and the ablation check."""
-
-    threshold: float
-    layers: list[int]
-    sites: list[str]
-    median_abs: list[float]  # per layer: median |x| over every reservoir entry (numpy median)
-    top: list[list[dict[str, Any]]]  # per layer: the largest |x| entries (value, channel, position, token, ratio)
-    top1_ratio: list[float]
-    massive_layers: list[int]  # layers whose top-1 ratio > threshold
-    massive_channels: dict[int, list[dict[str, Any]]]  # layer -> [{channel, absmax, ratio}] with ratio > threshold
-    first_appearance: dict[int, int]  # channel -> first layer where it is massive
-    invariance: list[dict[str, Any]]  # per layer, over prompts (empty dicts when no prompts)
-    n_prompts: int
-    ablation: dict[str, Any]
-    source: str = "stats"
-    key: str = "massive"
-    title: str = "Massive activations"
-    explanation: str = (
-        "A few entries of the residual stream can be hundreds or thousands of times larger than the "
-        "typical one. For every layer we show the largest |activation| of the residual stream over "
-        "the profiled text, where it occurs (channel, position, token), and its ratio to the layer's "
-        "median |activation|; ratios above the threshold (100x) are flagged as massive. 'Massive "
-        "Activations in Large Language Models' (Sun et al., 2024) found such values in almost every "
-        "LLM: they appear suddenly in an early layer, stay nearly constant through the middle layers, "
-        "live in the same few channels for every input, mostly at the first token or at delimiters, "
-        "and act as fixed biases: setting them to zero destroys the model, setting them to their mean "
-        "value leaves it intact. The invariance numbers say how often the same channel holds each "
-        "layer's maximum across prompts; the ablation compares perplexity with those entries zeroed "
-        "and mean-set at the layer where they first appear."
-    )
-
-    def headline(self) -> str:
-        if not self.layers:
-            return "n/a"
-        i = int(np.nanargmax(self.top1_ratio))
-        t = self.top[i][0] if self.top[i] else {}
-        where = f"layer {self.layers[i]}, ch {t.get('channel')}, pos {t.get('position')}"
-        if self.massive_layers:
-            return f"massive: |x|={abs(t.get('value', math.nan)):.4g} = {self.top1_ratio[i]:.0f}x median ({where})"
-        return f"none > {self.threshold:g}x median (max {self.top1_ratio[i]:.1f}x, {where})"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "threshold": self.threshold,
-            "source": self.source,
-            "layers": self.layers,
-            "sites": self.sites,
-            "median_abs": [_f(v) for v in self.median_abs],
-            "top": [[_clean(e) for e in row] for row in self.top],
-            "top1_ratio": [_f(v) for v in self.top1_ratio],
-            "massive_layers": self.massive_layers,
-            "massive_channels": {str(k): v for k, v in self.massive_channels.items()},
-            "first_appearance": {str(k): v for k, v in self.first_appearance.items()},
-            "invariance": [_clean(d) for d in self.invariance],
-            "n_prompts": self.n_prompts,
-            "ablation": _clean(self.ablation),
-        }
-
-    def table(self):
-        cols = ["layer", "top |x|", "median |x|", "ratio", "channel", "position", "token", "massive channels",
-                "same argmax channel over prompts %"]
-        rows = []
-        for i, layer in enumerate(self.layers):
-            t = self.top[i][0] if self.top[i] else {}
-            inv = self.invariance[i] if i < len(self.invariance) else {}
-            rows.append([
-                layer, _round(abs(t.get("value", math.nan))), _round(self.median_abs[i]), _round(self.top1_ratio[i]),
-                t.get("channel"), t.get("position"), t.get("token", ""),
-                _channels_text(self.massive_channels.get(layer, [])),
-                round(100 * inv["modal_channel_frac"], 1) if inv else None,
-            ])
-        return cols, rows
-
-    def figures(self) -> list:
-        if not self.layers:
-            return []
-        figs = []
-        fig = new_figure()
-        ax = fig.add_subplot()
-        for j, label in enumerate(("top 1", "top 2", "top 3")):
-            ys = [abs(row[j]["value"]) if len(row) > j else math.nan for row in self.top]
-            ax.plot(self.layers, ys, "o-", ms=3, label=label)
-        ax.plot(self.layers, self.median_abs, "k--", label="median")
-        ax.set_yscale("log")
-        ax.set_xlabel("layer")
-        integer_xaxis(ax)
-        ax.set_ylabel("|activation| of the residual stream")
-        ax.set_title(f"Largest residual activations (massive: > {self.threshold:g}x median)")
-        ax.legend(fontsize="small")
-        figs.append(fig)
-
-        if any(self.invariance):
-            i = int(np.nanargmax(self.top1_ratio))
-            inv = self.invariance[i]
-            if inv:
-                fig = new_figure(8, 3.2)
-                ax1, ax2 = fig.subplots(1, 2)
-                chans = inv["channel_counts"]
-                ax1.bar([str(k) for k in chans], list(chans.values()))
-                ax1.set_xlabel("channel of the maximum")
-                ax1.set_ylabel("prompts")
-                ax1.set_title(f"layer {self.layers[i]}: argmax channel")
-                pos = inv["position_counts"]
-                ax2.bar([str(k) for k in pos], list(pos.values()), color="tab:orange")
-                ax2.set_xlabel("position of the maximum")
-                ax2.set_title("argmax position")
-                figs.append(fig)
-
-        ab = self.ablation
-        if ab.get("ran"):
-            fig = new_figure(4.8, 3.2)
-            ax = fig.add_subplot()
-            names = ["original", "set to mean", "set to zero"]
-            vals = [ab["base_ppl"], ab["mean_ppl"], ab["zero_ppl"]]
-            ax.bar(names, [v if v is not None and math.isfinite(v) else 0 for v in vals],
-                   color=["grey", "tab:green", "tab:red"])
-            ax.set_yscale("log")
-            ax.set_ylabel("perplexity")
-            ax.set_title("Ablating the massive activations")
-            figs.append(fig)
-        return figs
-
-
-def _channels_text(entries: list[dict[str, Any]], limit: int = 5) -> str:
-    text = ", ".join(str(e["channel"]) for e in entries[:limit])
-    return text + (f" (+{len(entries) - limit})" if len(entries) > limit else "")
-
-
-def _round(v, digits: int = 4):
-    v = float(v)
-    return float(f"{v:.{digits}g}") if math.isfinite(v) else None
-
-
-def _clean(obj):
-    """JSON-able copy: floats made finite-or-None, dict keys made strings."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return _f(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    return obj
 
 
 def _top_entries(data: ProfileData, site: str, n: int) -> tuple[list[dict[str, Any]], str]:
@@ -258,6 +109,66 @@ def _capture_prompts(model, sites: list[str], prompts: list[str], batch_size: in
     return out, ids_out
 
 
+def _layer_tops(data: ProfileData, sites: list[str], tokenizer, top_n: int) -> dict[str, Any]:
+    """Per layer: the median |x| of the reservoir and the largest entries (stats top-k, or the reservoir's)."""
+    out: dict[str, Any] = {"layers": [], "medians": [], "tops": [], "ratio1": [], "source": "stats"}
+    for site in sites:
+        x = reservoir_acts(data, site)
+        med = float(np.median(x.abs().flatten().numpy()))
+        entries, src = _top_entries(data, site, top_n if top_n > 0 else 1)
+        if src == "reservoir":
+            out["source"] = "reservoir"
+        for e in entries:
+            e["ratio"] = abs(e["value"]) / med if med > 0 else math.inf
+            e["token"] = decode_token(tokenizer, e.get("token_id", -1))
+        out["layers"].append(layer_index(site))
+        out["medians"].append(med)
+        out["tops"].append(entries)
+        out["ratio1"].append(entries[0]["ratio"] if entries else math.nan)
+    return out
+
+
+def _massive_channels(data: ProfileData, sites: list[str], layers: list[int], medians: list[float],
+                      threshold: float) -> tuple[dict[int, list[dict[str, Any]]], dict[int, int]]:
+    """Channels whose corpus max |x| (stats absmax) exceeds ``threshold`` x the layer median, and the first
+    layer where each is massive."""
+    massive: dict[int, list[dict[str, Any]]] = {}
+    first: dict[int, int] = {}
+    for layer, site, med in zip(layers, sites, medians):
+        absmax = _channel_absmax(data, site)
+        ratio = absmax / med if med > 0 else np.full_like(absmax, math.inf)
+        hot = [int(c) for c in np.argsort(-ratio, kind="stable") if ratio[c] > threshold]
+        if hot:
+            massive[layer] = [{"channel": c, "absmax": float(absmax[c]), "ratio": float(ratio[c])} for c in hot]
+            for c in hot:
+                first.setdefault(c, layer)
+    return massive, first
+
+
+def _invariance(captured: list[dict[str, torch.Tensor]], prompt_ids: list[list[int]], site: str, median: float,
+                tokenizer) -> dict[str, Any]:
+    """Over prompts: where the largest |x| of ``site`` sits (channel, position, token) and how often it repeats."""
+    chans, poss, toks, ratios = [], [], [], []
+    for acts, ids in zip(captured, prompt_ids):
+        a = acts[site].abs()
+        pos, ch = divmod(int(a.argmax()), a.shape[1])
+        chans.append(ch)
+        poss.append(pos)
+        toks.append(decode_token(tokenizer, ids[pos]))
+        ratios.append(float(a[pos, ch]) / median if median > 0 else math.inf)
+    cc, pc = Counter(chans), Counter(poss)
+    modal, n_modal = cc.most_common(1)[0]
+    return {
+        "modal_channel": int(modal),
+        "modal_channel_frac": n_modal / len(chans),
+        "channel_counts": dict(sorted(cc.items(), key=lambda kv: -kv[1])),
+        "position_counts": dict(sorted(pc.items())),
+        "first_position_frac": pc.get(0, 0) / len(poss),
+        "token_counts": dict(Counter(toks).most_common(10)),
+        "median_ratio": float(np.median(ratios)),
+    }
+
+
 def massive_activations(
     model,
     data: ProfileData,
@@ -275,43 +186,14 @@ def massive_activations(
     (default: ``data.eval_texts``) the perplexity ablation, which runs on models with an LM head
     only. ``threshold`` is the ratio to the layer median above which an entry is massive.
     """
-    key, title = "massive", MassiveResult.title
     sites = [s for s in sites_of_kind(data, model, "resid") if reservoir_acts(data, s) is not None]
     if not sites:
-        return Skipped(key, title, reason="the profile reservoir holds no resid sites",
+        return Skipped("massive", MassiveResult.title, reason="the profile reservoir holds no resid sites",
                        explanation=MassiveResult.explanation)
     tokenizer = getattr(model, "tokenizer", None)
-    layers, medians, tops, ratio1 = [], [], [], []
-    source = "stats"
-    for site in sites:
-        x = reservoir_acts(data, site)
-        med = float(np.median(x.abs().flatten().numpy()))
-        entries, src = _top_entries(data, site, top_n if top_n > 0 else 1)
-        if src == "reservoir":
-            source = "reservoir"
-        for e in entries:
-            e["ratio"] = abs(e["value"]) / med if med > 0 else math.inf
-            e["token"] = decode_token(tokenizer, e.get("token_id", -1))
-        layers.append(layer_index(site))
-        medians.append(med)
-        tops.append(entries)
-        ratio1.append(entries[0]["ratio"] if entries else math.nan)
-
-    # massive channels: per-channel max |x| over the corpus (stats absmax) above threshold x median
-    massive_layers = [l for l, r in zip(layers, ratio1) if r > threshold]
-    massive_channels: dict[int, list[dict[str, Any]]] = {}
-    first: dict[int, int] = {}
-    for layer, site, med in zip(layers, sites, medians):
-        absmax = _channel_absmax(data, site)
-        ratio = absmax / med if med > 0 else np.full_like(absmax, math.inf)
-        hot = [int(c) for c in np.argsort(-ratio, kind="stable") if ratio[c] > threshold]
-        if hot:
-            massive_channels[layer] = [{"channel": c, "absmax": float(absmax[c]), "ratio": float(ratio[c])}
-                                       for c in hot]
-            for c in hot:
-                first.setdefault(c, layer)
-
-    # input invariance over prompts
+    tops = _layer_tops(data, sites, tokenizer, top_n)
+    layers, medians = tops["layers"], tops["medians"]
+    massive_channels, first = _massive_channels(data, sites, layers, medians, threshold)
     prompt_list = [p for p in (prompts if prompts is not None else data.eval_texts) if p][:max_prompts]
     if model is None:
         prompt_list = []  # a profile without its model: no prompts can be run
@@ -319,46 +201,41 @@ def massive_activations(
     captured: list[dict[str, torch.Tensor]] = []
     if prompt_list:
         captured, prompt_ids = _capture_prompts(model, sites, prompt_list, batch_size)
-        for j, site in enumerate(sites):
-            chans, poss, toks, ratios = [], [], [], []
-            for acts, ids in zip(captured, prompt_ids):
-                a = acts[site].abs()
-                flat = int(a.argmax())
-                pos, ch = divmod(flat, a.shape[1])
-                chans.append(ch)
-                poss.append(pos)
-                toks.append(decode_token(tokenizer, ids[pos]))
-                ratios.append(float(a[pos, ch]) / medians[j] if medians[j] > 0 else math.inf)
-            cc = Counter(chans)
-            modal, n_modal = cc.most_common(1)[0]
-            pc = Counter(poss)
-            invariance[j] = {
-                "modal_channel": int(modal),
-                "modal_channel_frac": n_modal / len(chans),
-                "channel_counts": dict(sorted(cc.items(), key=lambda kv: -kv[1])),
-                "position_counts": dict(sorted(pc.items())),
-                "first_position_frac": pc.get(0, 0) / len(poss),
-                "token_counts": dict(Counter(toks).most_common(10)),
-                "median_ratio": float(np.median(ratios)),
-            }
-
-    # ablation at the first layer of each massive channel
+        invariance = [_invariance(captured, prompt_ids, site, medians[j], tokenizer) for j, site in enumerate(sites)]
     ablation: dict[str, Any] = {"ran": False}
+    texts = [t for t in (ablation_texts if ablation_texts is not None else data.eval_texts) if t]
     if not first:
         ablation["note"] = f"no activation above {threshold:g}x the layer median: nothing to ablate"
     elif not getattr(model, "has_lm_head", False):
         ablation["note"] = "skipped: needs perplexity, and this model has no LM head (encoder)"
+    elif not texts:
+        ablation["note"] = "skipped: no ablation texts (pass ablation_texts or profile with eval_texts)"
     else:
-        texts = [t for t in (ablation_texts if ablation_texts is not None else data.eval_texts) if t]
-        if not texts:
-            ablation["note"] = "skipped: no ablation texts (pass ablation_texts or profile with eval_texts)"
-        else:
-            ablation = _ablate(model, data, sites, layers, medians, first, captured, threshold, texts, batch_size)
+        ablation = _ablate(model, data, sites, layers, medians, first, captured, threshold, texts, batch_size)
     return MassiveResult(
-        threshold=float(threshold), layers=layers, sites=sites, median_abs=medians, top=tops, top1_ratio=ratio1,
-        massive_layers=massive_layers, massive_channels=massive_channels, first_appearance=first,
-        invariance=invariance, n_prompts=len(prompt_list), ablation=ablation, source=source,
+        threshold=float(threshold), layers=layers, sites=sites, median_abs=medians, top=tops["tops"],
+        top1_ratio=tops["ratio1"], massive_layers=[l for l, r in zip(layers, tops["ratio1"]) if r > threshold],
+        massive_channels=massive_channels, first_appearance=first, invariance=invariance,
+        n_prompts=len(prompt_list), ablation=ablation, source=tops["source"],
     )
+
+
+def _mean_value(data: ProfileData, captured: list[dict[str, torch.Tensor]], site: str, channel: int,
+                cutoff: float) -> tuple[float, int, str]:
+    """The mean of a channel's massive entries (over the prompts, else the corpus top entries, else the channel
+    mean over all tokens), how many entries it averages and where they came from."""
+    cols = [acts[site][:, channel] for acts in captured]
+    vals = [float(v) for col in cols for v in col[col.abs() > cutoff].tolist()]
+    how = "prompts"
+    if not vals:  # fall back to the corpus top entries of that channel
+        vals = [float(e["value"]) for e in _top_entries(data, site, 10**9)[0]
+                if e["channel"] == channel and abs(e["value"]) > cutoff]
+        how = "corpus top entries"
+    if vals:
+        return float(np.mean(vals)), len(vals), how
+    st = site_stats(data.stats, site)  # massive somewhere in the corpus, but not seen again
+    m = float(st.mean[channel]) if st is not None else float(reservoir_acts(data, site)[:, channel].mean())
+    return m, 0, "channel mean over all tokens"
 
 
 def _ablate(model, data, sites, layers, medians, first, captured, threshold, texts, batch_size) -> dict:
@@ -373,21 +250,9 @@ def _ablate(model, data, sites, layers, medians, first, captured, threshold, tex
         site, cutoff = sites[j], threshold * medians[j]
         means = []
         for c in chans:
-            cols = [acts[site][:, c] for acts in captured]
-            vals = [float(v) for col in cols for v in col[col.abs() > cutoff].tolist()]
-            how = "prompts"
-            if not vals:  # fall back to the corpus top entries of that channel
-                vals = [float(e["value"]) for e in _top_entries(data, site, 10**9)[0]
-                        if e["channel"] == c and abs(e["value"]) > cutoff]
-                how = "corpus top entries"
-            if vals:
-                m = float(np.mean(vals))
-            else:  # massive somewhere in the corpus, but not seen again: its mean over all tokens
-                st = site_stats(data.stats, site)
-                m = float(st.mean[c]) if st is not None else float(reservoir_acts(data, site)[:, c].mean())
-                how = "channel mean over all tokens"
+            m, n, how = _mean_value(data, captured, site, c, cutoff)
             means.append(m)
-            entries.append({"layer": layer, "channel": c, "mean_value": m, "n_mean_tokens": len(vals),
+            entries.append({"layer": layer, "channel": c, "mean_value": m, "n_mean_tokens": n,
                             "mean_from": how, "cutoff": cutoff})
         zero_edits.append(MassiveSet(site, list(chans), [0.0] * len(chans), cutoff))
         mean_edits.append(MassiveSet(site, list(chans), means, cutoff))

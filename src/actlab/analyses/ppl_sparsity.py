@@ -18,11 +18,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from actlab.analyses.base import ProfileData, Skipped
-from actlab.analyses.sparsity import (
-    _f, integer_xaxis, layer_index, new_figure, perplexity, reservoir_acts, sites_of_kind,
-)
+from actlab.analyses.base import ProfileData, Skipped, layer_index, perplexity, pick, reservoir_acts, sites_of_kind
+from actlab.analyses.figures import integer_xaxis, new_axes
 from actlab.engine.hooks import ForwardState
+from actlab.report.serialize import to_jsonable
 
 __all__ = ["ThresholdEdit", "PplSparsityResult", "ppl_sparsity", "layer_thresholds"]
 
@@ -105,17 +104,8 @@ class PplSparsityResult:
                 f"(activation ratio {100 * r['activation_ratio']:.1f}%)")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "ps": self.ps,
-            "base_ppl": _f(self.base_ppl),
-            "layers": self.layers,
-            "sites": self.sites,
-            "natural_zero_frac": [_f(v) for v in self.natural_zero_frac],
-            "levels": [_jsonable(r) for r in self.levels],
-            "evaluations": [_jsonable(e) for e in self.evaluations],
-            "steps": self.steps,
-            "n_eval_texts": self.n_eval_texts,
-        }
+        return to_jsonable(pick(self, "ps", "base_ppl", "layers", "sites", "natural_zero_frac", "levels",
+                                "evaluations", "steps", "n_eval_texts"))
 
     def table(self):
         cols = ["p %", "target level s", "sparsity %", "activation ratio %", "perplexity", "rise %",
@@ -132,8 +122,7 @@ class PplSparsityResult:
         figs = []
         ev = [e for e in self.evaluations if math.isfinite(e["ppl"])]
         if ev:
-            fig = new_figure()
-            ax = fig.add_subplot()
+            fig, ax = new_axes()
             xs = [100 * (e["sparsity"] if e["sparsity"] is not None and math.isfinite(e["sparsity"]) else e["level"])
                   for e in ev]
             ax.plot(xs, [e["ppl"] for e in ev], "o", ms=4, label="levels tried")
@@ -148,8 +137,7 @@ class PplSparsityResult:
             ax.legend(fontsize="small")
             figs.append(fig)
         if self.levels and self.layers:
-            fig = new_figure()
-            ax = fig.add_subplot()
+            fig, ax = new_axes()
             for r in self.levels:
                 ax.plot(self.layers, [100 * v if v is not None else math.nan for v in r["sparsity_per_layer"]], "o-",
                         label=f"PPL-{r['p']:g}%")
@@ -164,18 +152,78 @@ class PplSparsityResult:
         return figs
 
 
-def _jsonable(d: dict) -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, float):
-            out[k] = _f(v)
-        elif isinstance(v, dict):
-            out[k] = _jsonable(v)
-        elif isinstance(v, list):
-            out[k] = [_f(x) if isinstance(x, float) else x for x in v]
+class _Levels:
+    """Evaluates (and caches) the model at global sparsity levels: thresholds, perplexity, measured sparsity."""
+
+    def __init__(self, model, data: ProfileData, sites: list[str], texts: list[str], batch_size: int,
+                 evaluate: Evaluate | None):
+        self.model, self.sites, self.texts, self.batch_size, self.evaluate = model, sites, texts, batch_size, evaluate
+        self.sorted_abs = {s: np.sort(reservoir_acts(data, s).abs().flatten().numpy()) for s in sites}
+        self.cache: dict[float, dict[str, Any]] = {}
+        self.base = self(0.0)["ppl"]
+
+    def reservoir_sparsity(self, thresholds: dict[str, float]) -> dict[str, float]:
+        """Per site, the fraction of the reservoir sample the thresholds would zero (or is zero already)."""
+        out = {}
+        for s, a in self.sorted_abs.items():
+            t = thresholds.get(s, 0.0)
+            below = a.shape[0] if math.isinf(t) else int(np.searchsorted(a, t, side="left"))
+            zeros = int(np.searchsorted(a, 0.0, side="right"))
+            out[s] = max(below, zeros) / a.shape[0]
+        return out
+
+    def __call__(self, level: float) -> dict[str, Any]:
+        level = float(level)
+        if level in self.cache:
+            return self.cache[level]
+        thresholds = layer_thresholds(self.sorted_abs, level) if level > 0 else {}
+        if self.evaluate is not None:
+            ppl = float(self.evaluate(level, dict(thresholds)))
+            per_layer = self.reservoir_sparsity(thresholds)
         else:
-            out[k] = v
-    return out
+            edits = [ThresholdEdit(s, thresholds.get(s, 0.0)) for s in self.sites]
+            with self.model.edit(*edits):
+                ppl = perplexity(self.model, self.texts, batch_size=self.batch_size)
+            per_layer = {e.site: e.measured_sparsity for e in edits}
+            if any(not math.isfinite(v) for v in per_layer.values()):
+                per_layer = self.reservoir_sparsity(thresholds)
+        rec = {"level": level, "ppl": ppl, "thresholds": thresholds, "per_layer": per_layer,
+               "sparsity": float(np.mean(list(per_layer.values())))}
+        self.cache[level] = rec
+        return rec
+
+    def rise(self, rec) -> float:
+        """Perplexity rise over the unedited model, in %."""
+        return 100.0 * (rec["ppl"] / self.base - 1.0) if math.isfinite(rec["ppl"]) and self.base > 0 else math.inf
+
+    def largest_within(self, p: float, steps: int) -> dict[str, Any]:
+        """Bisection for the largest level whose rise is at most ``p`` %, and the level above it that fails."""
+        lo, hi = 0.0, 1.0
+        if self.rise(self(1.0)) <= p:
+            lo, hi = 1.0, None
+        else:
+            for _ in range(steps):
+                mid = (lo + hi) / 2
+                if self.rise(self(mid)) <= p:
+                    lo = mid
+                else:
+                    hi = mid
+        rec = self(lo)
+        nxt = self(hi) if hi is not None else None
+        return {
+            "p": p,
+            "level": lo,
+            "ppl": rec["ppl"],
+            "rise_pct": self.rise(rec),
+            "thresholds": [rec["thresholds"].get(s, 0.0) for s in self.sites],
+            "sparsity": rec["sparsity"],
+            "sparsity_per_layer": [rec["per_layer"][s] for s in self.sites],
+            "activation_ratio": 1.0 - rec["sparsity"],
+            "next_level": hi,
+            "next_ppl": nxt["ppl"] if nxt else None,
+            "next_rise_pct": self.rise(nxt) if nxt else None,
+            "next_sparsity": nxt["sparsity"] if nxt else None,
+        }
 
 
 def ppl_sparsity(
@@ -208,8 +256,7 @@ def ppl_sparsity(
     if evaluate is None and not getattr(model, "has_lm_head", False):
         return Skipped(key, title, reason="needs perplexity, and this model has no LM head (encoder)",
                        explanation=PplSparsityResult.explanation)
-    sites = sites_of_kind(data, model, "mlp.hidden")
-    sites = [s for s in sites if reservoir_acts(data, s) is not None]
+    sites = [s for s in sites_of_kind(data, model, "mlp.hidden") if reservoir_acts(data, s) is not None]
     if not sites:
         return Skipped(key, title, reason="the profile reservoir holds no mlp.hidden sites",
                        explanation=PplSparsityResult.explanation)
@@ -218,81 +265,13 @@ def ppl_sparsity(
         return Skipped(key, title, reason="no evaluation texts: pass eval_texts or collect the profile with eval_texts",
                        explanation=PplSparsityResult.explanation)
     steps = max(1, int(steps))
-
-    sorted_abs = {s: np.sort(reservoir_acts(data, s).abs().flatten().numpy()) for s in sites}
-
-    def reservoir_sparsity(thresholds: dict[str, float]) -> dict[str, float]:
-        out = {}
-        for s, a in sorted_abs.items():
-            t = thresholds.get(s, 0.0)
-            below = a.shape[0] if math.isinf(t) else int(np.searchsorted(a, t, side="left"))
-            zeros = int(np.searchsorted(a, 0.0, side="right"))
-            out[s] = max(below, zeros) / a.shape[0]
-        return out
-
-    cache: dict[float, dict[str, Any]] = {}
-
-    def run(level: float) -> dict[str, Any]:
-        level = float(level)
-        if level in cache:
-            return cache[level]
-        thresholds = layer_thresholds(sorted_abs, level) if level > 0 else {}
-        if evaluate is not None:
-            ppl = float(evaluate(level, dict(thresholds)))
-            per_layer = reservoir_sparsity(thresholds)
-        else:
-            edits = [ThresholdEdit(s, thresholds.get(s, 0.0)) for s in sites]
-            with model.edit(*edits):
-                ppl = perplexity(model, texts, batch_size=batch_size)
-            per_layer = {e.site: e.measured_sparsity for e in edits}
-            if any(not math.isfinite(v) for v in per_layer.values()):
-                per_layer = reservoir_sparsity(thresholds)
-        rec = {"level": level, "ppl": ppl, "thresholds": thresholds, "per_layer": per_layer,
-               "sparsity": float(np.mean(list(per_layer.values())))}
-        cache[level] = rec
-        return rec
-
-    unedited = run(0.0)
-    base = unedited["ppl"]
-    natural = [float(unedited["per_layer"][s]) for s in sites]
-
-    def rise(rec) -> float:
-        return 100.0 * (rec["ppl"] / base - 1.0) if math.isfinite(rec["ppl"]) and base > 0 else math.inf
-
-    levels = []
-    for p in ps:
-        p = float(p)
-        lo, hi = 0.0, 1.0
-        top = run(1.0)
-        if rise(top) <= p:
-            lo, hi = 1.0, None
-        else:
-            for _ in range(steps):
-                mid = (lo + hi) / 2
-                if rise(run(mid)) <= p:
-                    lo = mid
-                else:
-                    hi = mid
-        rec = run(lo)
-        nxt = run(hi) if hi is not None else None
-        levels.append({
-            "p": p,
-            "level": lo,
-            "ppl": rec["ppl"],
-            "rise_pct": rise(rec),
-            "thresholds": [rec["thresholds"].get(s, 0.0) for s in sites],
-            "sparsity": rec["sparsity"],
-            "sparsity_per_layer": [rec["per_layer"][s] for s in sites],
-            "activation_ratio": 1.0 - rec["sparsity"],
-            "next_level": hi,
-            "next_ppl": nxt["ppl"] if nxt else None,
-            "next_rise_pct": rise(nxt) if nxt else None,
-            "next_sparsity": nxt["sparsity"] if nxt else None,
-        })
-    evaluations = [{"level": r["level"], "ppl": r["ppl"], "rise_pct": rise(r), "sparsity": r["sparsity"]}
-                   for _, r in sorted(cache.items())]
+    run = _Levels(model, data, sites, texts, batch_size, evaluate)
+    natural = [float(run(0.0)["per_layer"][s]) for s in sites]
+    levels = [run.largest_within(float(p), steps) for p in ps]
+    evaluations = [{"level": r["level"], "ppl": r["ppl"], "rise_pct": run.rise(r), "sparsity": r["sparsity"]}
+                   for _, r in sorted(run.cache.items())]
     return PplSparsityResult(
-        ps=[float(p) for p in ps], base_ppl=base, layers=[layer_index(s) for s in sites], sites=sites,
+        ps=[float(p) for p in ps], base_ppl=run.base, layers=[layer_index(s) for s in sites], sites=sites,
         natural_zero_frac=natural, levels=levels, evaluations=evaluations, steps=steps,
         n_eval_texts=len(texts),
     )

@@ -84,13 +84,14 @@ def run_profile(
     progress: bool = False,
 ) -> ProfileRun:
     """Profile ``model`` on ``docs`` (default: the bundled prompt set) and write the report."""
+    from actlab.analyses.dead import dead_neurons
     from actlab.analyses.lenses import lenses
     from actlab.analyses.linearity import layer_linearity
     from actlab.analyses.massive import massive_activations
     from actlab.analyses.ppl_sparsity import ppl_sparsity
     from actlab.analyses.readout import neuron_readout
     from actlab.analyses.redundancy import module_redundancy
-    from actlab.analyses.sparsity import activation_sparsity, dead_neurons
+    from actlab.analyses.sparsity import activation_sparsity
 
     unknown = sorted(set(analyses) - set(ANALYSES))
     if unknown:

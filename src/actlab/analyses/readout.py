@@ -1,7 +1,7 @@
 """Neuron readout: which tokens each MLP neuron promotes, read through the unembedding.
 
 An MLP neuron j of block i writes ``a_j * w_j`` into the residual stream, where ``w_j`` is its
-output weight vector (column j of the down projection; row j of GPT-2's transposed Conv1D).
+output weight vector (column j of the down projection, from the model anatomy's ``mlp_parts``).
 Decoding ``w_j`` like a residual vector -- the linear part of the final norm, then the LM head --
 gives the tokens the neuron pushes up when it fires (Geva et al. 2022, "Transformer Feed-Forward
 Layers Build Predictions by Promoting Concepts in the Vocabulary Space"; Dar et al. 2023,
@@ -19,36 +19,14 @@ from typing import Any
 
 import torch
 
-from actlab.analyses.base import Skipped
-from actlab.analyses.lenses import Decoder
-from actlab.errors import ActlabError
+from actlab.analyses.base import Skipped, decode_token
+from actlab.analyses.figures import new_axes
 
 
 def neuron_output_vectors(model, layer: int) -> torch.Tensor:
-    """[d_mlp, d_model]: row j is the vector neuron j of ``layer`` adds to the residual per unit activation."""
-    site = f"mlp.hidden.{layer}"
-    if site not in model.sitemap:
-        raise ActlabError(f"{model.sitemap.model_class} has no '{site}' site (no MLP down projection found)")
-    module = model.hf.get_submodule(model.sitemap[site].module_path)
-    weight = module.weight.detach()
-    if type(module).__name__ == "Conv1D":  # GPT-2: weight is [in_features, out_features]
-        return weight
-    return weight.T  # nn.Linear: weight is [out_features, in_features]
-
-
-def _token_text(tokenizer, cache: dict[int, str], token_id: int) -> str:
-    if token_id in cache:
-        return cache[token_id]
-    text = str(token_id)
-    try:
-        if hasattr(tokenizer, "decode"):
-            text = tokenizer.decode([token_id])
-        elif hasattr(tokenizer, "batch_decode"):
-            text = tokenizer.batch_decode([[token_id]])[0]
-    except Exception:  # a tokenizer that cannot decode a lone id
-        pass
-    cache[token_id] = text
-    return text
+    """[d_mlp, d_model]: row j is the vector neuron j of ``layer`` adds to the residual per unit activation
+    (an ActlabError when the block has no MLP down projection)."""
+    return model.anatomy.mlp_parts(layer).down.T
 
 
 @dataclass
@@ -111,13 +89,7 @@ class ReadoutResult:
         }
 
     def figures(self) -> list:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(6.0, 3.4))
-        ax = fig.add_subplot(1, 1, 1)
+        fig, ax = new_axes(6.0, 3.4, layout="tight")
         data = [self.score[self.layer == i].numpy() for i in self.layers]
         ax.boxplot(data, positions=self.layers, widths=0.6, showfliers=True, flierprops={"markersize": 2})
         ax.set_yscale("log")
@@ -125,7 +97,6 @@ class ReadoutResult:
         ax.set_ylabel("top-token probability per neuron")
         ax.grid(alpha=0.3, axis="y")
         ax.set_title("How peaked each neuron's vocabulary readout is")
-        fig.tight_layout()
         return [fig]
 
     def table(self):
@@ -160,32 +131,26 @@ def neuron_readout(model, top_tokens: int = 10, *, normed: bool = True) -> Reado
     if not layers:
         return Skipped(key="readout", title=title, explanation=EXPLANATION,
                        reason=f"no MLP down projection found in {model.sitemap.model_class}")
-    decoder = Decoder(model)
-    k = max(1, min(int(top_tokens), decoder.vocab_size))
-    chunk = max(16, (1 << 23) // max(1, decoder.vocab_size))
+    anatomy = model.anatomy
+    k = max(1, min(int(top_tokens), anatomy.vocab_size))
+    chunk = max(16, (1 << 23) // max(1, anatomy.vocab_size))
     layer_ids, neuron_ids, ids_all, probs_all, ent_all = [], [], [], [], []
     for i in layers:
         vectors = neuron_output_vectors(model, i)
         for start in range(0, vectors.shape[0], chunk):
             w = vectors[start : start + chunk]
-            if normed:
-                with torch.no_grad():
-                    lin = (decoder.normed(w) - decoder.normed(-w)) / 2
-                logits = decoder.logits(lin)
-            else:
-                logits = decoder.logits(w)
-            logp = torch.log_softmax(logits, -1)
+            with torch.no_grad():
+                if normed:  # the linear part of the final norm: its gain, without a LayerNorm bias
+                    w = (anatomy.normed(w) - anatomy.normed(-w)) / 2
+                logp = torch.log_softmax(anatomy.unembed(w).cpu(), -1)
             top_lp, top_id = logp.topk(k, dim=-1)
-            ent = -(logp.exp() * logp).sum(-1)
             ids_all.append(top_id)
             probs_all.append(top_lp.exp())
-            ent_all.append(ent)
+            ent_all.append(-(logp.exp() * logp).sum(-1))
             layer_ids.append(torch.full((w.shape[0],), i, dtype=torch.long))
             neuron_ids.append(torch.arange(start, start + w.shape[0]))
     top_ids = torch.cat(ids_all)
-    cache: dict[int, str] = {}
-    for t in torch.unique(top_ids).tolist():
-        _token_text(model.tokenizer, cache, int(t))
+    cache = {t: decode_token(model.tokenizer, t, fallback=str(t)) for t in torch.unique(top_ids).tolist()}
     return ReadoutResult(
         key="readout",
         title=title,

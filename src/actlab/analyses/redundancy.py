@@ -14,10 +14,13 @@ Definitions of a sub-layer's input X and output Y, from the reservoir sites:
   for block 0), Y = X + ``attn.i``; MLP X = X_attn + ``attn.i``, Y = ``resid.i``.
 * parallel residual (GPT-NeoX ``use_parallel_residual``, Phi-1/2, GPT-J, Falcon ``parallel_attn``):
   both sub-layers read the same X = ``resid.{i-1}``; attention Y = X + ``attn.i``, MLP Y = X + ``mlp.i``.
-* post-LN blocks (BERT family, ``sitemap.sequential`` False): attention X = ``resid.{i-1}``,
+* post-LN blocks (BERT family): attention X = ``resid.{i-1}``,
   Y = X + ``attn.i`` (the sum that enters the attention LayerNorm); MLP X = LN_attn(X + ``attn.i``)
   (recomputed with the block's attention-output LayerNorm), Y = that + ``mlp.i`` (the sum that
   enters the output LayerNorm). The LayerNorms themselves are not part of either sub-layer.
+
+Which definition applies, and the post-LN block's LayerNorm, are the model anatomy's
+(``model.anatomy.structure``, ``model.anatomy.post_attn_norm(i)``).
 """
 
 from __future__ import annotations
@@ -28,40 +31,10 @@ from typing import Any, Sequence
 
 import torch
 
-from actlab.analyses.base import ProfileData
-from actlab.analyses.linearity import _float, _floats, block_input_site, log_perplexity, require_sites
+from actlab.analyses.base import ProfileData, block_input_site, log_perplexity, pick, require_sites
+from actlab.analyses.figures import new_axes
 from actlab.errors import ActlabError
-
-_PARALLEL_TYPES = {"phi", "gptj", "codegen", "cohere", "cohere2"}
-
-
-def is_parallel_residual(model) -> bool:
-    """True when attention and MLP of a block both read the block input (no sequential residual)."""
-    cfg = getattr(model.hf.config, "text_config", None) or model.hf.config
-    if getattr(cfg, "use_parallel_residual", False) or getattr(cfg, "parallel_attn", False):
-        return True
-    if getattr(cfg, "new_decoder_architecture", False):  # Falcon-40B style
-        return True
-    return model.sitemap.model_type in _PARALLEL_TYPES
-
-
-def block_structure(model) -> str:
-    """'sequential', 'parallel' or 'post-ln': which definition of sub-layer input/output applies."""
-    if not model.sitemap.sequential:
-        return "post-ln"
-    return "parallel" if is_parallel_residual(model) else "sequential"
-
-
-def _attn_layernorm(model, i: int):
-    """The LayerNorm a post-LN block applies after adding the attention output (BERT: attention.output.LayerNorm)."""
-    path = model.sitemap[f"attn.{i}"].module_path
-    parent = model.hf.get_submodule(path.rsplit(".", 1)[0])
-    for name in ("LayerNorm", "layer_norm", "layernorm", "ln", "norm"):
-        module = getattr(parent, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    return None
-
+from actlab.report.serialize import to_jsonable
 
 def mean_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
     """Average over rows of cos(x_row, y_row)."""
@@ -121,27 +94,15 @@ class RedundancyResult:
         return text
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "layers": list(self.layers),
-            "attn_cos": _floats(self.attn_cos),
-            "mlp_cos": _floats(self.mlp_cos),
-            "structure": self.structure,
-            "ranking": list(self.ranking),
-            "base_perplexity": _float(self.base_perplexity),
-            "drops": [{"k": d["k"], "strategy": d["strategy"], "layers": list(d["layers"]),
-                       "perplexity": _float(d["perplexity"])} for d in self.drops],
+        return to_jsonable({
+            **pick(self, "layers", "attn_cos", "mlp_cos", "structure", "ranking", "base_perplexity"),
+            "drops": [{k: d[k] for k in ("k", "strategy", "layers", "perplexity")} for d in self.drops],
             "note": self.note,
-        }
+        })
 
     def figures(self) -> list:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib.figure import Figure
-
         figs = []
-        fig = Figure(figsize=(6.0, 3.4))
-        ax = fig.add_subplot(1, 1, 1)
+        fig, ax = new_axes(6.0, 3.4, layout="tight")
         ax.plot(self.layers, self.attn_cos, "o-", label="attention")
         ax.plot(self.layers, self.mlp_cos, "s-", label="MLP")
         ax.set_xlabel("block")
@@ -150,11 +111,9 @@ class RedundancyResult:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         ax.set_title("Sub-layer redundancy (He et al. 2024): higher = changes less")
-        fig.tight_layout()
         figs.append(fig)
         if self.drops and self.base_perplexity is not None:
-            fig2 = Figure(figsize=(5.2, 3.4))
-            ax2 = fig2.add_subplot(1, 1, 1)
+            fig2, ax2 = new_axes(5.2, 3.4, layout="tight")
             for strategy, marker in (("most", "o-"), ("random", "^--"), ("least", "s:")):
                 pts = sorted((d["k"], d["perplexity"]) for d in self.drops if d["strategy"] == strategy)
                 if pts:
@@ -165,7 +124,6 @@ class RedundancyResult:
             ax2.set_yscale("log")
             ax2.grid(alpha=0.3)
             ax2.legend(fontsize=8)
-            fig2.tight_layout()
             figs.append(fig2)
         return figs
 
@@ -190,6 +148,50 @@ EXPLANATION = (
 )
 
 
+def _cosines(model, data: ProfileData, structure: str) -> tuple[list[float], list[float], str]:
+    """Per block: mean cos(input, output) of the attention and of the MLP sub-layer, and a note."""
+    s = data.samples
+    attn_cos, mlp_cos = [], []
+    note = ""
+    for i in range(model.n_layers):
+        x = s[block_input_site(model, i)].double()
+        attn = s[f"attn.{i}"].double()
+        attn_cos.append(mean_cosine(x, x + attn))
+        if structure == "sequential":
+            mlp_cos.append(mean_cosine(x + attn, s[f"resid.{i}"].double()))
+        elif structure == "parallel":
+            mlp_cos.append(mean_cosine(x, x + s[f"mlp.{i}"].double()))
+        else:
+            norm = model.anatomy.post_attn_norm(i)
+            if norm is None:
+                mlp_cos.append(float("nan"))
+                note = "post-LN block without a recognisable attention LayerNorm: MLP similarity not computed"
+                continue
+            with torch.no_grad():
+                p = next(norm.parameters(), None)
+                mid = norm((x + attn).to(p.dtype if p is not None else torch.float32)).double()
+            mlp_cos.append(mean_cosine(mid, mid + s[f"mlp.{i}"].double()))
+    return attn_cos, mlp_cos, note
+
+
+def _drop_experiment(model, result: RedundancyResult, texts: list[str], ks: list[int], seed: int,
+                     batch_size: int) -> None:
+    """Perplexity with the k most / random / least redundant attention sub-layers dropped, into ``result``."""
+    n_layers = len(result.layers)
+    result.base_perplexity = math.exp(log_perplexity(model, texts, batch_size))
+    gen = torch.Generator().manual_seed(seed)
+    for k in ks:
+        choices = {
+            "most": sorted(result.ranking[:k]),
+            "random": sorted(torch.randperm(n_layers, generator=gen)[:k].tolist()),
+            "least": sorted(result.ranking[-k:]),
+        }
+        for strategy, chosen in choices.items():
+            with model.edit(drop_attention(chosen)):
+                ppl = math.exp(log_perplexity(model, texts, batch_size))
+            result.drops.append({"k": k, "strategy": strategy, "layers": chosen, "perplexity": ppl})
+
+
 def module_redundancy(
     model,
     data: ProfileData,
@@ -205,33 +207,12 @@ def module_redundancy(
     ``data.eval_texts``) are given, for every ``k`` in ``ks`` smaller than the number of layers.
     """
     n_layers = model.n_layers
-    structure = block_structure(model)
+    structure = model.anatomy.structure
     needed = ["embed"] + [f"resid.{i}" for i in range(n_layers)] + [f"attn.{i}" for i in range(n_layers)]
     if structure != "sequential":
         needed += [f"mlp.{i}" for i in range(n_layers)]
     require_sites(data, needed, "module_redundancy")
-    s = data.samples
-    attn_cos, mlp_cos = [], []
-    note = ""
-    for i in range(n_layers):
-        x = s[block_input_site(model, i)].double()
-        attn = s[f"attn.{i}"].double()
-        attn_cos.append(mean_cosine(x, x + attn))
-        if structure == "sequential":
-            mid = x + attn
-            mlp_cos.append(mean_cosine(mid, s[f"resid.{i}"].double()))
-        elif structure == "parallel":
-            mlp_cos.append(mean_cosine(x, x + s[f"mlp.{i}"].double()))
-        else:
-            norm = _attn_layernorm(model, i)
-            if norm is None:
-                mlp_cos.append(float("nan"))
-                note = "post-LN block without a recognisable attention LayerNorm: MLP similarity not computed"
-                continue
-            with torch.no_grad():
-                p = next(norm.parameters(), None)
-                mid = norm((x + attn).to(p.dtype if p is not None else torch.float32)).double()
-            mlp_cos.append(mean_cosine(mid, mid + s[f"mlp.{i}"].double()))
+    attn_cos, mlp_cos, note = _cosines(model, data, structure)
     layers = list(range(n_layers))
     ranking = sorted(layers, key=lambda i: -attn_cos[i])
     result = RedundancyResult(key="redundancy", title="Module redundancy", explanation=EXPLANATION, layers=layers,
@@ -240,26 +221,13 @@ def module_redundancy(
     ks = sorted({int(k) for k in ks if 0 < int(k) < n_layers})
     if not model.has_lm_head:
         result.note = (note + "; " if note else "") + "dropping not run: the model has no LM head"
-        return result
-    if not texts:
+    elif not texts:
         result.note = (note + "; " if note else "") + "dropping not run: no evaluation texts were given"
-        return result
-    if not ks:
+    elif not ks:
         raise ActlabError(f"ks must hold at least one k in 1..{n_layers - 1}; got {list(ks)}")
-    result.base_perplexity = math.exp(log_perplexity(model, texts, batch_size))
-    gen = torch.Generator().manual_seed(seed)
-    for k in ks:
-        choices = {
-            "most": sorted(ranking[:k]),
-            "random": sorted(torch.randperm(n_layers, generator=gen)[:k].tolist()),
-            "least": sorted(ranking[-k:]),
-        }
-        for strategy, chosen in choices.items():
-            with model.edit(drop_attention(chosen)):
-                ppl = math.exp(log_perplexity(model, texts, batch_size))
-            result.drops.append({"k": k, "strategy": strategy, "layers": chosen, "perplexity": ppl})
+    else:
+        _drop_experiment(model, result, texts, ks, seed, batch_size)
     return result
 
 
-__all__ = ["RedundancyResult", "ZeroSite", "block_structure", "drop_attention", "is_parallel_residual",
-           "mean_cosine", "module_redundancy"]
+__all__ = ["RedundancyResult", "ZeroSite", "drop_attention", "mean_cosine", "module_redundancy"]

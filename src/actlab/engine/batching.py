@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 
@@ -12,6 +12,10 @@ from actlab.errors import ActlabError
 
 LongDocs = Literal["chunk", "truncate"]
 Positions = str | tuple[int | None, int | None]
+
+
+#: a custom token selection: (rows of a batch, padded width) -> [batch, width] bool of tokens for the sinks
+Selector = Callable[[Sequence["Row"], int], torch.Tensor]
 
 
 @dataclass
@@ -22,6 +26,45 @@ class Row:
     start: int  # position of ids[0] inside the document
     ids: list[int]
     doc_length: int  # tokens in the whole document
+    prompt_length: int = 0  # document positions before this are prompt (scored tokens start here)
+
+
+def encode_pair(tokenizer, prompt: str, continuation: str, *, max_length: int | None,
+                max_continuation: int | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of a prompt and its continuation, laid out as one sequence ``prompt + continuation``.
+
+    The prompt gets the tokenizer's special tokens (BOS); the continuation gets them only when there
+    is no prompt, so ``prompt + continuation`` starts like a tokenised document. The continuation is
+    cut to ``max_continuation`` tokens; when the pair exceeds ``max_length`` the prompt loses its
+    *start* (at least one prompt token is kept: the continuation's first token needs a context)
+    and the continuation its end. ``max_length=None``: no limit (the runner chunks long rows).
+    """
+    p = list(tokenizer([prompt], add_special_tokens=True)["input_ids"][0]) if prompt else []
+    c = list(tokenizer([continuation], add_special_tokens=not prompt)["input_ids"][0])
+    if max_continuation is not None:
+        c = c[:max_continuation]
+    if max_length is not None and len(p) + len(c) > max_length:
+        p = p[-max(1, max_length - len(c)):]
+        c = c[: max_length - len(p)]
+    return p, c
+
+
+def pair_rows(pairs: Sequence[tuple[list[int], list[int]]], doc_offset: int = 0) -> list[Row]:
+    """One row per (prompt ids, continuation ids) pair, its prompt marked by ``prompt_length``."""
+    rows = []
+    for k, (p, c) in enumerate(pairs):
+        ids = list(p) + list(c)
+        rows.append(Row(doc_offset + k, 0, ids, len(ids), prompt_length=len(p)))
+    return rows
+
+
+def continuation_mask(rows: Sequence[Row], width: int) -> torch.Tensor:
+    """A ``Selector``: the real tokens at or after each row's ``prompt_length`` (the scored continuation)."""
+    sel = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        n = len(row.ids)
+        sel[i, :n] = (row.start + torch.arange(n)) >= row.prompt_length
+    return sel
 
 
 def tokenize_documents(

@@ -1,4 +1,5 @@
-"""The simplest edits, applied through the same hooks as captures: add a vector, set channels.
+"""The simplest edits, applied through the same hooks as captures: add a vector, set channels,
+replace a site's output by a function of its input.
 
 Richer interventions (steering vectors with metadata, affine maps, low-rank adapters) build on
 the same ``Edit`` protocol: a callable ``(h, state) -> new h`` with a ``site`` attribute.
@@ -6,7 +7,9 @@ the same ``Edit`` protocol: a callable ``(h, state) -> new h`` with a ``site`` a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -96,3 +99,82 @@ class SetChannels:
             sub[..., self.channels] = values
             new[:, cols] = sub
         return new
+
+
+# ----------------------------------------------------------------------------------- replace
+def default_input_site(site: str) -> str:
+    """The site whose activation feeds ``site`` in the same forward pass.
+
+    ``resid.i`` is fed by ``resid.{i-1}`` (``embed`` for block 0) and ``mlp.i`` by ``mlp.in.i``;
+    other sites have no single input, so ``Replace`` needs ``input_site=`` for them.
+    """
+    match = re.fullmatch(r"(resid|mlp)\.(\d+)", site)
+    if match is None:
+        raise ActlabError(f"'{site}' has no default input site (only resid.i and mlp.i do); "
+                          "pass input_site=... to say which site feeds it")
+    kind, layer = match.group(1), int(match.group(2))
+    if kind == "mlp":
+        return f"mlp.in.{layer}"
+    return "embed" if layer == 0 else f"resid.{layer - 1}"
+
+
+class _StoreInput:
+    """Edit that leaves its site unchanged and remembers the activation for the paired replacement."""
+
+    def __init__(self, site: str, slot: dict):
+        self.site = site
+        self.slot = slot
+
+    def __call__(self, h: torch.Tensor, state: ForwardState) -> torch.Tensor:
+        self.slot["x"] = h
+        return h
+
+
+class _ReplaceOutput:
+    """Edit that sets its site to ``fn`` of the input stored earlier in the same forward pass."""
+
+    def __init__(self, site: str, input_site: str, slot: dict, fn: Callable[[torch.Tensor], torch.Tensor]):
+        self.site = site
+        self.input_site = input_site
+        self.slot = slot
+        self.fn = fn
+
+    def __call__(self, h: torch.Tensor, state: ForwardState) -> torch.Tensor:
+        x = self.slot.pop("x", None)
+        if x is None or x.shape[:-1] != h.shape[:-1]:
+            raise ActlabError(f"replacing '{self.site}': its input '{self.input_site}' was not seen in this "
+                              "forward pass (the input site must run before the replaced site)")
+        new = self.fn(x)
+        if new.shape != h.shape:
+            raise ActlabError(f"replacing '{self.site}': fn returned shape {tuple(new.shape)}, the site has "
+                              f"{tuple(h.shape)}")
+        return new.to(h.dtype)
+
+
+@dataclass
+class Replace:
+    """Replace the output of ``site`` by ``fn(x)``, ``x`` the activation of its input site in the same pass.
+
+    The splice a linearised block, a sparse autoencoder or a transcoder needs: ``fn`` sees the
+    (already edited) input ``[batch, seq, width_in]`` and returns ``[batch, seq, width]``. Use it like
+    any edit, ``with model.edit(Replace("mlp.1", transcoder)): ...``. It is two engine edits: one at
+    the input site that stores ``x`` (leaving it unchanged) and one at ``site`` that replaces it.
+    """
+
+    site: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    input_site: str | None = None
+    _slot: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise ActlabError(f"Replace needs a callable fn(x) -> new activation, not {type(self.fn).__name__}")
+        if self.input_site is None:
+            self.input_site = default_input_site(self.site)
+        if self.input_site == self.site:
+            raise ActlabError(f"Replace: '{self.site}' cannot be its own input site")
+
+    def edits(self) -> list:
+        """The two engine edits (store the input, replace the output) sharing one slot."""
+        return [_StoreInput(self.input_site, self._slot),
+                _ReplaceOutput(self.site, self.input_site, self._slot, self.fn)]

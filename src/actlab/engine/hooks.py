@@ -8,13 +8,12 @@ Edits run before readers: what is read is what the model actually propagates.
 from __future__ import annotations
 
 import itertools
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import nn
-
-from actlab.models.sites import SiteMap
 
 
 @dataclass
@@ -23,7 +22,8 @@ class ForwardState:
 
     ``offset`` is the number of tokens already in the KV cache, so ``columns`` are absolute
     positions in the (padded) sequence and edits behave identically with and without a cache.
-    ``prompt_length`` is set by generate: columns at or after it are generated tokens.
+    ``prompt_length`` is set through ``HookManager.prompt_length`` (by generate and the likelihood
+    loop): columns at or after it are generated tokens.
     """
 
     batch_size: int = 0
@@ -43,6 +43,19 @@ class ForwardState:
             return torch.ones(self.batch_size, self.length, dtype=torch.bool)
         mask = self.attention_mask[:, self.offset : self.offset + self.length]
         return mask.to(torch.bool).cpu()
+
+
+class HookPointLike(Protocol):
+    """Where a site lives: ``module_path`` of the module, ``mode`` "output" or "input"."""
+
+    module_path: str
+    mode: str
+
+
+class SiteLookup(Protocol):
+    """Site name -> hook point (``actlab.models.sites.SiteMap`` is one); raises on an unknown name."""
+
+    def __getitem__(self, site: str) -> HookPointLike: ...
 
 
 class Edit(Protocol):
@@ -90,7 +103,7 @@ def _replace_first(value, new):
 class HookManager:
     """Owns every torch hook actlab puts on one model."""
 
-    def __init__(self, hf_model: nn.Module, sitemap: SiteMap):
+    def __init__(self, hf_model: nn.Module, sitemap: SiteLookup):
         self.hf_model = hf_model
         self.sitemap = sitemap
         self.state = ForwardState()
@@ -100,6 +113,7 @@ class HookManager:
         self._torch_handles: dict[tuple[str, str], object] = {}
         self._hooked_sites: dict[tuple[str, str], list[str]] = {}  # which sites each installed hook serves
         self._state_handle = None
+        self._inside = False  # True while edits and readers run: modules they call run unhooked
 
     # ------------------------------------------------------------ registration
     def add_reader(self, site: str, reader: Reader) -> Handle:
@@ -121,6 +135,17 @@ class HookManager:
             self._sync()
 
         return Handle(remove)
+
+    @contextmanager
+    def prompt_length(self, n: int | None) -> Iterator[None]:
+        """Tell the edits where the prompt ends (columns >= ``n`` are generated) for the forwards inside;
+        the previous value comes back afterwards. ``None``: every token counts as prompt."""
+        saved = self.state.prompt_length
+        self.state.prompt_length = None if n is None else int(n)
+        try:
+            yield
+        finally:
+            self.state.prompt_length = saved
 
     @property
     def active(self) -> bool:
@@ -171,6 +196,15 @@ class HookManager:
         self.state.attention_mask = kwargs.get("attention_mask")
 
     def _apply(self, sites: list[str], h: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Run the edits then the readers of ``sites``. A module an edit calls (``Replace`` by the MLP
+        itself) runs unhooked, so it computes its own function instead of recursing into this hook."""
+        self._inside = True
+        try:
+            return self._apply_inside(sites, h)
+        finally:
+            self._inside = False
+
+    def _apply_inside(self, sites: list[str], h: torch.Tensor) -> tuple[torch.Tensor, bool]:
         flat_shape = None
         if h.ndim == 2 and h.shape[0] == self.state.batch_size * self.state.length:
             flat_shape = h.shape  # some models (OPT) run their MLP on [batch*seq, width]
@@ -188,6 +222,8 @@ class HookManager:
 
     def _make_output_hook(self, sites: list[str]):
         def hook(module, args, output):
+            if self._inside:
+                return None
             h, changed = self._apply(sites, _first_tensor(output))
             return _replace_first(output, h) if changed else None
 
@@ -195,6 +231,8 @@ class HookManager:
 
     def _make_input_hook(self, sites: list[str]):
         def hook(module, args, kwargs):
+            if self._inside:
+                return None
             if args:
                 h, changed = self._apply(sites, args[0])
                 return ((h,) + tuple(args[1:]), kwargs) if changed else None

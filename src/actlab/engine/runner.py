@@ -1,4 +1,8 @@
-"""The Runner: batch documents, run the model under no_grad, send selected activations to sinks."""
+"""The Runner: batch documents, run the model, send the selected activations to sinks.
+
+It is the one loop that reads activations: recording, statistics, profiles, and the fitters that
+need activations with gradients (``grad=True``) or kept on the accelerator (``device=None``).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,21 @@ from typing import Callable, Sequence
 import torch
 
 from actlab.engine.batch import Sink, TokenBatch
-from actlab.engine.batching import LongDocs, Positions, Row, batches, pad, selection_mask, tokenize_documents
+from actlab.engine.batching import (
+    LongDocs,
+    Positions,
+    Row,
+    Selector,
+    batches,
+    pad,
+    selection_mask,
+    tokenize_documents,
+)
+from actlab.engine.config import Config, positive_int
+from actlab.engine.grad import grad_mode
 from actlab.engine.hooks import ForwardState, StopForward
 from actlab.engine.progress import progress_bar
+from actlab.errors import ActlabError
 
 
 @dataclass
@@ -27,11 +43,91 @@ class RunSummary:
         return self.n_tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
+@dataclass
+class RunOptions(Config):
+    """How ``run`` batches, selects and hands over activations.
+
+    ``positions``: "all", "last" or a (start, stop) span of document positions; ``select``: a
+    ``(rows, width) -> [batch, width] bool`` selection that overrides ``positions``. ``grad``: keep
+    the activations in the autograd graph (no detach, gradients enabled). ``device``: where the
+    sinks get the activations ("cpu" copies them there; None leaves them on the model's device).
+    ``stop_early``: skip the rest of the model once every site is read.
+    """
+
+    positions: Positions = "all"
+    select: Selector | None = None
+    batch_size: int = 8
+    max_length: int | None = None
+    long_docs: LongDocs = "chunk"
+    doc_offset: int = 0
+    grad: bool = False
+    device: str | torch.device | None = "cpu"
+    stop_early: bool = True
+    progress: bool = False
+    description: str = "running"
+    on_batch: Callable[[list[Row], TokenBatch], None] | None = None
+
+    def validate(self) -> None:
+        positive_int(self.batch_size, "batch_size")
+        if self.select is not None and not callable(self.select):
+            raise ActlabError(f"select must be a callable (rows, width) -> bool mask, not {type(self.select).__name__}")
+
+
 def plan_rows(model, docs, *, max_length: int | None = None, long_docs: LongDocs = "chunk", doc_offset: int = 0) -> list[Row]:
     """Rows the runner will execute: exposed so resumable writers can plan shard boundaries."""
     return tokenize_documents(
         model.tokenizer, docs, max_length=max_length or model.max_length, long_docs=long_docs, doc_offset=doc_offset
     )
+
+
+class _Reader:
+    """Takes the selected tokens of every site of one forward pass; stops the model after the last site."""
+
+    def __init__(self, sites: list[str], opts: RunOptions):
+        self.sites = sites
+        self.opts = opts
+        self.sel: torch.Tensor | None = None
+        self.collected: dict[str, torch.Tensor] = {}
+
+    def __call__(self, site: str, h: torch.Tensor, state: ForwardState) -> None:
+        taken = h[self.sel.to(h.device)]
+        if not self.opts.grad:
+            taken = taken.detach()
+        if self.opts.device is not None:
+            taken = taken.to(self.opts.device, copy=True)
+        self.collected[site] = taken
+        if self.opts.stop_early and len(self.collected) == len(self.sites):
+            raise StopForward
+
+    def batch(self, rows: list[Row], ids: torch.Tensor) -> TokenBatch:
+        missing = [s for s in self.sites if s not in self.collected]
+        if missing:
+            raise ActlabError(f"the forward pass never reached site(s) {', '.join(missing)}")
+        sel = self.sel
+        doc_ids = torch.tensor([r.doc_id for r in rows]).unsqueeze(1).expand_as(sel)
+        pos = torch.tensor([r.start for r in rows]).unsqueeze(1) + torch.arange(ids.shape[1])
+        return TokenBatch(acts={s: self.collected[s] for s in self.sites}, token_ids=ids[sel],
+                          doc_ids=doc_ids[sel], positions=pos[sel])
+
+
+def _forward(model, reader: _Reader, rows: list[Row]) -> tuple[TokenBatch, int]:
+    """One padded batch through the model; the batch for the sinks and its number of real tokens."""
+    opts = reader.opts
+    ids, mask = pad([r.ids for r in rows], model.pad_token_id, side="right")
+    if opts.select is None:
+        sel = selection_mask(rows, ids.shape[1], opts.positions)
+    else:
+        sel = torch.as_tensor(opts.select(rows, ids.shape[1]))
+        if sel.shape != ids.shape:
+            raise ActlabError(f"select returned a mask of shape {tuple(sel.shape)}; it must be [rows, width] = "
+                              f"{tuple(ids.shape)}")
+    reader.sel = sel.to(torch.bool) & mask.bool()  # padding never reaches the sinks
+    reader.collected = {}
+    try:
+        model.hf(**model.forward_inputs(ids, mask))
+    except StopForward:
+        pass
+    return reader.batch(rows, ids), int(mask.sum())
 
 
 def run(
@@ -41,73 +137,42 @@ def run(
     sinks: Sink | Sequence[Sink] = (),
     *,
     rows: list[Row] | None = None,
-    positions: Positions = "all",
-    batch_size: int = 8,
-    max_length: int | None = None,
-    long_docs: LongDocs = "chunk",
-    doc_offset: int = 0,
-    progress: bool = False,
-    description: str = "running",
-    on_batch: Callable[[list[Row], TokenBatch], None] | None = None,
-    stop_early: bool = True,
+    options: RunOptions | None = None,
+    **overrides,
 ) -> RunSummary:
-    """Run ``model`` over documents and stream the activations of ``sites`` into ``sinks``.
+    """Run ``model`` over documents (or planned ``rows``) and stream the activations of ``sites`` into ``sinks``.
 
-    Rows are right-padded; only real tokens chosen by ``positions`` reach the sinks, flattened in
-    document order (see TokenBatch). The forward stops after the last requested site has been
-    read, so recording early layers does not pay for the rest of the model.
+    Options (see ``RunOptions``) come as ``options=`` and/or keywords: ``positions``, ``select``,
+    ``batch_size``, ``max_length``, ``long_docs``, ``doc_offset``, ``grad``, ``device``, ``stop_early``,
+    ``progress``, ``description``, ``on_batch``. Rows are right-padded; only real tokens chosen by
+    ``positions`` (or ``select``) reach the sinks, flattened in document order (see TokenBatch). The
+    forward stops after the last requested site has been read, so recording early layers does not
+    pay for the rest of the model. Any edits active on the model apply.
     """
+    opts = RunOptions.with_overrides(options, overrides)
     sink_list = [sinks] if hasattr(sinks, "consume") else list(sinks)
     site_names = model.resolve(sites)
     if rows is None:
-        rows = plan_rows(model, docs, max_length=max_length, long_docs=long_docs, doc_offset=doc_offset)
-    pad_id = model.pad_token_id
-    collected: dict[str, torch.Tensor] = {}
-    current: dict = {}
-
-    def reader(site: str, h: torch.Tensor, state: ForwardState) -> None:
-        sel = current["sel"]
-        collected[site] = h[sel.to(h.device)].detach().to("cpu", copy=True)
-        if stop_early and len(collected) == len(site_names):
-            raise StopForward
-
+        rows = plan_rows(model, docs, max_length=opts.max_length, long_docs=opts.long_docs, doc_offset=opts.doc_offset)
+    reader = _Reader(site_names, opts)
     handles = [model.hooks.add_reader(site, reader) for site in site_names]
     n_tokens = n_selected = 0
     start_time = time.perf_counter()
-    total_tokens = sum(len(r.ids) for r in rows)
     try:
-        with torch.no_grad(), progress_bar(description, total_tokens, enabled=progress) as bar:
-            for batch_rows in batches(rows, batch_size):
-                ids, mask = pad([r.ids for r in batch_rows], pad_id, side="right")
-                sel = selection_mask(batch_rows, ids.shape[1], positions)
-                current["sel"] = sel
-                collected.clear()
-                try:
-                    model.hf(**model.forward_inputs(ids, mask))
-                except StopForward:
-                    pass
-                doc_ids = torch.tensor([r.doc_id for r in batch_rows]).unsqueeze(1).expand_as(sel)
-                pos = torch.tensor([r.start for r in batch_rows]).unsqueeze(1) + torch.arange(ids.shape[1])
-                batch = TokenBatch(
-                    acts={s: collected[s] for s in site_names},
-                    token_ids=ids[sel],
-                    doc_ids=doc_ids[sel],
-                    positions=pos[sel],
-                )
+        with grad_mode(opts.grad), progress_bar(opts.description, sum(len(r.ids) for r in rows),
+                                                enabled=opts.progress) as bar:
+            for batch_rows in batches(rows, opts.batch_size):
+                batch, n_real = _forward(model, reader, batch_rows)
                 for sink in sink_list:
                     sink.consume(batch)
-                if on_batch is not None:
-                    on_batch(batch_rows, batch)
-                n_tokens += int(mask.sum())
+                if opts.on_batch is not None:
+                    opts.on_batch(batch_rows, batch)
+                n_tokens += n_real
                 n_selected += batch.n_tokens
-                bar.advance(int(mask.sum()))
+                bar.advance(n_real)
     finally:
         for handle in handles:
             handle.remove()
-    return RunSummary(
-        n_documents=len({r.doc_id for r in rows}),
-        n_rows=len(rows),
-        n_tokens=n_tokens,
-        n_selected=n_selected,
-        seconds=time.perf_counter() - start_time,
-    )
+    return RunSummary(n_documents=len({r.doc_id for r in rows}), n_rows=len(rows), n_tokens=n_tokens,
+                      n_selected=n_selected, seconds=time.perf_counter() - start_time)
+

@@ -29,6 +29,7 @@ from actlab.errors import ActlabError
 BUNDLED_DIR = Path(__file__).parent / "genre_classifier"
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
+FORMAT = "actlab-genre-nb-v1"
 
 DEFAULT_GENRES = ["scripture", "fortunes", "jargon", "techdoc", "dictionary"]
 DEFAULT_SETTINGS = {"n_buckets": 1 << 17, "char_ngrams": [3, 4, 5], "word_ngrams": [1, 2]}
@@ -112,7 +113,7 @@ class GenreClassifier:
     @classmethod
     def load(cls, path: str | Path | None = None) -> "GenreClassifier":
         """Load a classifier directory (default: the one bundled with actlab)."""
-        from safetensors.numpy import load_file
+        from actlab.files import load_tensors
 
         d = Path(path) if path is not None else BUNDLED_DIR
         if not (d / WEIGHTS_FILE).is_file() or not (d / CONFIG_FILE).is_file():
@@ -121,20 +122,22 @@ class GenreClassifier:
                 "rebuild it with: python scripts/train_genre_classifier.py"
             )
         cfg = json.loads((d / CONFIG_FILE).read_text())
-        w = load_file(str(d / WEIGHTS_FILE))
-        return cls(w["log_prob"].astype(np.float32), w["log_prior"].astype(np.float32),
+        w, _ = load_tensors(d / WEIGHTS_FILE, FORMAT, "genre classifier weights")
+        return cls(w["log_prob"].numpy().astype(np.float32), w["log_prior"].numpy().astype(np.float32),
                    cfg["genres"], cfg["settings"], cfg.get("info"))
 
     def save(self, path: str | Path) -> None:
-        from safetensors.numpy import save_file
+        import torch
+
+        from actlab.files import save_tensors, write_json
 
         d = Path(path)
-        d.mkdir(parents=True, exist_ok=True)
-        save_file({"log_prob": self.log_prob.astype(np.float16), "log_prior": self.log_prior.astype(np.float32)},
-                  str(d / WEIGHTS_FILE), metadata={"format": "actlab-genre-nb-v1"})
-        cfg = {"format": "actlab-genre-nb-v1", "model": "multinomial naive Bayes on hashed features",
+        tensors = {"log_prob": torch.from_numpy(self.log_prob.astype(np.float16)),
+                   "log_prior": torch.from_numpy(self.log_prior.astype(np.float32))}
+        save_tensors(d / WEIGHTS_FILE, tensors, None, {"format": FORMAT})
+        cfg = {"format": FORMAT, "model": "multinomial naive Bayes on hashed features",
                "genres": self.genres, "settings": self.settings, "info": self.info}
-        (d / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        write_json(d / CONFIG_FILE, cfg)
         (d / WEIGHTS_FILE).chmod(0o644)
 
     # -- inference -----------------------------------------------------------------------------

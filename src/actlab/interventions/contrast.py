@@ -16,6 +16,7 @@ from typing import Literal, Sequence
 
 import torch
 
+from actlab.engine.batching import encode_pair
 from actlab.errors import ActlabError
 
 Aggregate = Literal["mean", "last"]
@@ -74,20 +75,16 @@ def example_activations(
     """One activation per example and site: ``{site: [n_examples, width]}`` (float32)."""
     if aggregate not in ("mean", "last"):
         raise ActlabError(f"aggregate must be 'mean' or 'last', not {aggregate!r}")
-    tok = model.tokenizer
     docs: list[list[int]] = []
     starts: list[int] = []
     for i, text in enumerate(texts):
         prompt = prompts[i] if prompts is not None else ""
-        ids_prompt = tok([prompt], add_special_tokens=True)["input_ids"][0] if prompt else []
-        ids_text = tok([text], add_special_tokens=not prompt)["input_ids"][0]
-        ids_full = list(ids_prompt) + list(ids_text)
-        if max_tokens_per_text is not None:
-            ids_full = ids_full[: len(ids_prompt) + max_tokens_per_text]
-        if len(ids_full) <= len(ids_prompt):
+        # no length limit: the runner splits an over-long example into windows
+        p, c = encode_pair(model.tokenizer, prompt, text, max_length=None, max_continuation=max_tokens_per_text)
+        if not c:
             raise ActlabError(f"example {i} has no tokens after its prompt: {text[:40]!r}")
-        docs.append(ids_full)
-        starts.append(len(ids_prompt) if prompt else 0)
+        docs.append(p + c)
+        starts.append(len(p))
     positions = "last" if aggregate == "last" else "all"
     batch = model.collect(docs, sites, positions=positions, batch_size=batch_size)
     out: dict[str, torch.Tensor] = {}

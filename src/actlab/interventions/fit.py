@@ -11,9 +11,11 @@ from typing import Literal, Sequence
 
 import torch
 
+from actlab.engine.likelihood import encode_lm_data, mean_nll
 from actlab.errors import ActlabError
 from actlab.interventions.contrast import Aggregate, ContrastSet, example_activations
 from actlab.interventions.types import SteeringVector
+from actlab.linalg import held_out_count, split_indices
 
 Method = Literal["mean-diff", "pca", "dims"]
 METHODS = ("mean-diff", "pca", "dims", "affine")
@@ -129,9 +131,9 @@ def contrast_split(contrast: ContrastSet, holdout: float = 0.25, seed: int = 0) 
     gen = torch.Generator().manual_seed(seed)
 
     def split(n: int) -> tuple[list[int], list[int]]:
-        perm = torch.randperm(n, generator=gen).tolist()
-        k = max(1, int(round(n * holdout))) if n >= 4 else 0
-        return sorted(perm[k:]), sorted(perm[:k]) if k else sorted(perm)
+        """(fit, held-out) in reading order; fewer than 4 examples: both parts are everything."""
+        kept, held = split_indices(n, held_out_count(n, holdout, min_n=4, at_least=1), gen)
+        return kept.tolist(), (held if len(held) else kept).tolist()
 
     if contrast.paired:
         fit_idx, held_idx = split(len(contrast.pos))
@@ -150,15 +152,14 @@ def preference_gap(model, contrast: ContrastSet, edit=None, batch_size: int = 16
     For pairs only the completions count (given their prompt), so this is how much more the model
     prefers to continue each prompt the positive way.
     """
-    from actlab.interventions.adapter_train import _eval_loss, encode_lm_data
-
-    def examples(side):
+    def loss(side) -> float:
         data = list(zip(contrast.prompts, side)) if contrast.paired else list(side)
-        return encode_lm_data(model, data)[1]
+        examples = encode_lm_data(model, data)[1]
+        return mean_nll(model, examples, batch_size=batch_size, prompt_length_known=contrast.paired)
 
     with model.edit(*([edit] if edit is not None else [])):
-        loss_pos = _eval_loss(model, examples(contrast.pos), batch_size, prompt_length_known=contrast.paired)
-        loss_neg = _eval_loss(model, examples(contrast.neg), batch_size, prompt_length_known=contrast.paired)
+        loss_pos = loss(contrast.pos)
+        loss_neg = loss(contrast.neg)
     return loss_neg - loss_pos
 
 

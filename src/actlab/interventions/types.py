@@ -155,6 +155,7 @@ class LowRankAdapter(Intervention):
 
     @property
     def rank(self) -> int:
+        """Dimension of the edited subspace (rows of R)."""
         return int(self.R.shape[0])
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:

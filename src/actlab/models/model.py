@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from actlab.engine import runner
 from actlab.engine.batch import TokenBatch
 from actlab.engine.batching import pad, position_ids_from_mask
 from actlab.engine.capture import Capture
@@ -42,6 +43,16 @@ def same_model(a: dict, b: dict) -> bool:
     return same_weights or a.get("model_name") == b.get("model_name")
 
 
+def context_length(config, tokenizer=None) -> int:
+    """Context length: the config's positions limit (2048 when it has none), capped by the tokenizer's."""
+    cfg = getattr(config, "text_config", None) or config
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_limit, int) and 0 < tok_limit < limit:
+        limit = tok_limit
+    return int(limit)
+
+
 class Model:
     """A transformer with named sites. Build it with ``actlab.load``."""
 
@@ -52,6 +63,7 @@ class Model:
         self.sitemap = SiteMap(hf_model)
         self.hooks = HookManager(hf_model, self.sitemap)
         self._captures: list[Capture] = []
+        self._anatomy = None
         self._accepts = set(inspect.signature(hf_model.forward).parameters)
         if tokenizer is not None and tokenizer.pad_token_id is None:
             fallback = tokenizer.eos_token or tokenizer.unk_token
@@ -118,12 +130,31 @@ class Model:
     @property
     def max_length(self) -> int:
         """Context length: the model's positions limit, or 2048 for models without one."""
+        return context_length(self.hf.config, self.tokenizer)
+
+    @property
+    def vocab_size(self) -> int | None:
+        """How many token ids the model takes: the config's count, else the input embedding's rows."""
         cfg = getattr(self.hf.config, "text_config", None) or self.hf.config
-        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
-        tok_limit = getattr(self.tokenizer, "model_max_length", None)
-        if isinstance(tok_limit, int) and 0 < tok_limit < limit:
-            limit = tok_limit
-        return int(limit)
+        if isinstance(getattr(cfg, "vocab_size", None), int):
+            return int(cfg.vocab_size)
+        emb = self.hf.get_input_embeddings() if hasattr(self.hf, "get_input_embeddings") else None
+        weight = getattr(emb, "weight", None)
+        return int(weight.shape[0]) if weight is not None and weight.ndim == 2 else None
+
+    @property
+    def n_params(self) -> int:
+        """Number of weights (tied tensors counted once)."""
+        return sum(p.numel() for p in self.hf.parameters())
+
+    @property
+    def anatomy(self):
+        """The structural facts of this model (final norm, unembedding, MLP parts): see ``actlab.models.anatomy``."""
+        if self._anatomy is None:
+            from actlab.models.anatomy import Anatomy
+
+            self._anatomy = Anatomy(self)
+        return self._anatomy
 
     @property
     def pad_token_id(self) -> int:
@@ -190,7 +221,7 @@ class Model:
         ids = inputs.unsqueeze(0) if inputs.ndim == 1 else inputs
         if ids.numel() == 0:
             raise ActlabError("empty input: the token tensor has no tokens")
-        vocab = getattr(self.hf.config, "vocab_size", None)
+        vocab = self.vocab_size
         if vocab is not None and (int(ids.max()) >= vocab or int(ids.min()) < 0):
             raise ActlabError(f"token ids must lie in [0, {vocab}); got values up to {int(ids.max())}")
         mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
@@ -227,22 +258,22 @@ class Model:
         return Handle(remove)
 
     def run(self, docs, sites="resid.*", sinks=(), **kwargs):
-        """Stream activations of ``sites`` over documents into sinks (see ``actlab.engine.runner.run``)."""
-        from actlab.engine.runner import run
-
-        return run(self, docs, sites, sinks, **kwargs)
+        """Stream activations of ``sites`` over documents into sinks (see ``actlab.engine.runner.run``:
+        ``rows=``, ``options=`` or keywords such as ``positions``, ``select``, ``grad``, ``device``)."""
+        return runner.run(self, docs, sites, sinks, **kwargs)
 
     def collect(self, docs, sites="resid.*", *, positions="last", batch_size: int = 8, **kwargs) -> TokenBatch:
-        """Activations of ``sites`` at ``positions`` for every document, gathered in memory."""
-        from actlab.engine.runner import run
+        """Activations of ``sites`` at ``positions`` for every document (or ``rows=``), gathered in memory.
 
+        Takes the runner's options too: ``select=`` for a custom token selection, ``grad=True`` to keep
+        the graph, ``device=None`` to leave the tensors on the model's device."""
         parts: list[TokenBatch] = []
 
         class _Gather:
             def consume(self, batch: TokenBatch) -> None:
                 parts.append(batch)
 
-        run(self, docs, sites, [_Gather()], positions=positions, batch_size=batch_size, **kwargs)
+        runner.run(self, docs, sites, [_Gather()], positions=positions, batch_size=batch_size, **kwargs)
         return TokenBatch(
             acts={s: torch.cat([p.acts[s] for p in parts]) for s in parts[0].acts},
             token_ids=torch.cat([p.token_ids for p in parts]),
@@ -265,8 +296,8 @@ class Model:
     ):
         """Generate continuations with any active edits and captures; returns the new text per prompt.
 
-        Prompts are left-padded; edits see ``state.prompt_length`` so "prompt"/"generated"
-        position modes work with and without the KV cache.
+        Prompts are left-padded; edits are told where the prompt ends (``hooks.prompt_length``) so
+        "prompt"/"generated" position modes work with and without the KV cache.
         """
         if not self.is_causal:
             raise ActlabError(f"{self.sitemap.model_class} cannot generate text (it has no causal LM head)")
@@ -280,25 +311,21 @@ class Model:
             torch.manual_seed(seed)
         for cap in self._captures:
             cap.input_ids = ids
-        self.hooks.state.prompt_length = ids.shape[1]
-        try:
-            with torch.no_grad():
-                gen_kwargs = dict(
-                    input_ids=ids.to(self.device),
-                    attention_mask=mask.to(self.device),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=do_sample,
-                    pad_token_id=self.pad_token_id,
-                    use_cache=use_cache,
-                    streamer=streamer,
-                )
-                if do_sample:
-                    gen_kwargs.update(temperature=temperature, top_p=top_p)
-                else:
-                    gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-                out = self.hf.generate(**gen_kwargs)
-        finally:
-            self.hooks.state.prompt_length = None
+        with self.hooks.prompt_length(ids.shape[1]), torch.no_grad():
+            gen_kwargs = dict(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                pad_token_id=self.pad_token_id,
+                use_cache=use_cache,
+                streamer=streamer,
+            )
+            if do_sample:
+                gen_kwargs.update(temperature=temperature, top_p=top_p)
+            else:
+                gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+            out = self.hf.generate(**gen_kwargs)
         new = out[:, ids.shape[1]:].cpu()
         if return_ids:
             return new

@@ -10,6 +10,7 @@ site               meaning                                                      
 ``resid.{i}``      residual stream after block i (the block's output)            d_model
 ``attn.{i}``       attention sub-layer output, as added to the residual          d_model
 ``mlp.{i}``        MLP sub-layer output, as added to the residual                d_model
+``mlp.in.{i}``     input of the MLP, after its norm (what a transcoder reads)    d_model
 ``mlp.hidden.{i}`` input of the MLP down projection ("neurons")                  d_mlp
 ``final``          output of the final norm, input of the LM head                d_model
 =================  ============================================================  ========
@@ -28,6 +29,7 @@ from typing import Iterable, Literal
 
 from torch import nn
 
+from actlab.engine.edits import default_input_site
 from actlab.errors import ActlabError
 
 HookMode = Literal["output", "input"]
@@ -49,18 +51,20 @@ class ArchOverride:
     attn_out: str | None = None  # module whose output is the attention term added to the residual
     mlp_out: str | None = None  # module whose output is the MLP term added to the residual
     down_proj: str | None = None  # module whose input is the MLP hidden activation
+    mlp_in: str | None = None  # module whose input is the (normed) MLP input; default: the MLP module
     sequential: bool = True  # resid.i == resid.{i-1} + attn.i + mlp.i holds
 
 
 _GEMMA_POSTNORM = ArchOverride(attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
 _BERT = ArchOverride(
-    attn_out="attention.output.dense", mlp_out="output.dense", down_proj="output.dense", sequential=False
+    attn_out="attention.output.dense", mlp_out="output.dense", down_proj="output.dense", mlp_in="intermediate",
+    sequential=False,
 )
 _OVERRIDES: dict[str, ArchOverride] = {
     "gemma2": _GEMMA_POSTNORM,
     "gemma3": _GEMMA_POSTNORM,
     "gemma3_text": _GEMMA_POSTNORM,
-    "opt": ArchOverride(mlp_out="fc2", down_proj="fc2"),
+    "opt": ArchOverride(mlp_out="fc2", down_proj="fc2", mlp_in="fc1"),
     "bert": _BERT,
     "roberta": _BERT,
     "xlm-roberta": _BERT,
@@ -73,7 +77,7 @@ _DOWN_NAMES = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "fc_out", "d
 _FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm", "norm_f")
 _BLOCK_LIST_NAMES = ("layers", "h", "layer", "blocks", "block")
 
-SITE_KINDS = ("embed", "resid", "attn", "mlp", "mlp.hidden", "final")
+SITE_KINDS = ("embed", "resid", "attn", "mlp", "mlp.in", "mlp.hidden", "final")
 
 
 def _in_width(module: nn.Module) -> int | None:
@@ -172,6 +176,9 @@ class SiteMap:
                 width = _in_width(block.get_submodule(down))
                 if width:
                     points[f"mlp.hidden.{i}"] = HookPoint(_join(prefix, down), "input", width)
+            mlp_in = override.mlp_in or mlp_name
+            if mlp_in and _first_child(block, [mlp_in]):
+                points[f"mlp.in.{i}"] = HookPoint(_join(prefix, mlp_in), "input", self.d_model)
         final = self._find_final_norm(hf_model)
         if final is not None:
             points["final"] = HookPoint(final, "output", self.d_model)
@@ -203,6 +210,16 @@ class SiteMap:
         if site not in self.points:
             self.resolve([site])  # raises the helpful error
         return self.points[site]
+
+    def input_site(self, site: str) -> str:
+        """The site feeding ``site`` in the same pass: ``resid.{i-1}`` (``embed``) for ``resid.i``,
+        ``mlp.in.i`` for ``mlp.i``; what ``Replace`` reads by default."""
+        self[site]  # validates the name
+        source = default_input_site(site)
+        if source not in self.points:
+            raise ActlabError(f"{self.model_class} has no site '{source}', the input of '{site}'; "
+                              f"available sites: {self.describe()}")
+        return source
 
     def layer_of(self, site: str) -> int | None:
         match = re.search(r"\.(\d+)$", site)

@@ -9,16 +9,17 @@ See docs/stats.md for the meaning and merge rule of each field.
 from __future__ import annotations
 
 import math
-import threading
 from typing import Any
 
-import numpy as np
 import torch
 
 from actlab.errors import ActlabError
 from actlab.stats.binning import SymlogBinning, sparsity_edges
+from actlab.stats.state import FIELDS, PLAIN_FIELDS, STATE_FIELDS, check_config, check_state
+from actlab.stats.topk import TOP_FIELDS, block_top, select_top
+from actlab.stats.update import BLOCK_ELEMS, BlockStats, exact_block, fast_block, scratch, token_labels
 
-__all__ = ["ChannelStats", "DEFAULT_CONFIG"]
+__all__ = ["ChannelStats", "DEFAULT_CONFIG", "STATE_FIELDS"]
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "eps": 1e-3,
@@ -27,61 +28,6 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "sparsity_bins": 20,
     "topk": 32,
 }
-
-# Rows per internal block are chosen so a block holds at most this many elements: it bounds the
-# temporaries whatever the batch size (one Chan merge per block).
-_BLOCK_ELEMS = 1 << 21
-# Inside a block the fast path works on tiles of about this many values (1 MiB of float32),
-# small enough to stay in cache across its ~15 element-wise passes.
-_TILE_ELEMS = 1 << 18
-
-
-class _Scratch(threading.local):
-    """Reusable work buffers, shared by every ChannelStats of a thread.
-
-    Allocating fresh multi-MB tensors for every op makes the allocator hand pages back to the
-    OS and fault them in again, which costs more than the arithmetic; reusing a few buffers
-    keeps the footprint fixed: two tiles, per-tile partial sums, per-row vectors of a block,
-    and (for float16/bfloat16 input only) one block converted to float32.
-    """
-
-    def __init__(self):
-        self.bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-
-    def get(self, slot: str, dtype: torch.dtype, shape: tuple[int, int]) -> torch.Tensor:
-        numel = shape[0] * shape[1]
-        buf = self.bufs.get((slot, dtype))
-        if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=dtype)
-            self.bufs[(slot, dtype)] = buf
-        return buf[:numel].view(shape)
-
-
-_scratch = _Scratch()
-
-# name -> (dtype, shape kind); "scalar" is 0-dim, the others are 1-D of the named length.
-_FIELDS: dict[str, tuple[torch.dtype, str]] = {
-    "count": (torch.int64, "scalar"),
-    "nonfinite": (torch.int64, "width"),
-    "mean": (torch.float64, "width"),
-    "m2": (torch.float64, "width"),
-    "min": (torch.float64, "width"),
-    "max": (torch.float64, "width"),
-    "absmax": (torch.float64, "width"),
-    "zeros": (torch.int64, "width"),
-    "small": (torch.int64, "width"),
-    "active": (torch.int64, "width"),
-    "hist": (torch.int64, "hist"),
-    "sparsity_hist": (torch.int64, "sparsity"),
-    "top_value": (torch.float64, "topk"),
-    "top_channel": (torch.int64, "topk"),
-    "top_doc": (torch.int64, "topk"),
-    "top_position": (torch.int64, "topk"),
-    "top_token": (torch.int64, "topk"),
-}
-STATE_FIELDS = tuple(_FIELDS)
-_TOP_FIELDS = ("top_value", "top_channel", "top_doc", "top_position", "top_token")
-
 
 def _check_int(name: str, value, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
@@ -101,17 +47,9 @@ def _check_eps(eps) -> float:
     return eps
 
 
-def _select_top(fields: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """Keep the k entries of largest |value|; ties broken by (doc, position, channel) ascending,
-    so the result does not depend on the order in which pieces were merged."""
-    keys = (
-        fields["top_channel"].numpy(),
-        fields["top_position"].numpy(),
-        fields["top_doc"].numpy(),
-        -np.abs(fields["top_value"].numpy()),
-    )
-    order = torch.from_numpy(np.lexsort(keys)[:k])
-    return {name: t[order] for name, t in fields.items()}
+def _fraction(counter: str, doc: str) -> property:
+    """A float64 ``[width]`` property: the counter ``counter`` over the tokens seen (NaN before any)."""
+    return property(lambda self: self._frac(getattr(self, counter)), doc=doc)
 
 
 class ChannelStats:
@@ -166,10 +104,9 @@ class ChannelStats:
         self.hist = torch.zeros(self.binning.n_bins, dtype=i64)
         self.sparsity_hist = torch.zeros(self.sparsity_bins, dtype=i64)
         self.top: dict[str, torch.Tensor] = {
-            name: torch.zeros(0, dtype=_FIELDS[name][0]) for name in _TOP_FIELDS
+            name: torch.zeros(0, dtype=FIELDS[name][0]) for name in TOP_FIELDS
         }
         self._top_floor = -math.inf  # |value| of the k-th kept entry once k are kept
-        self._small_consts: dict[torch.dtype, tuple[float, float] | None] = {}
 
     # ------------------------------------------------------------------ config / state
     def config(self) -> dict[str, Any]:
@@ -183,80 +120,35 @@ class ChannelStats:
             "topk": self.topk,
         }
 
-    def _shape_of(self, kind: str, n_top: int) -> tuple[int, ...]:
-        return {
-            "scalar": (),
-            "width": (self.width,),
-            "hist": (self.binning.n_bins,),
-            "sparsity": (self.sparsity_bins,),
-            "topk": (n_top,),
-        }[kind]
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"scalar": (), "width": (self.width,), "hist": (self.binning.n_bins,), "sparsity": (self.sparsity_bins,)}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """All state as tensors (fresh copies; keys are ``STATE_FIELDS``)."""
         state = {
             "count": torch.tensor(self.count, dtype=torch.int64),
-            "nonfinite": self.nonfinite,
             "mean": self._mean,
-            "m2": self.m2,
-            "min": self.min,
-            "max": self.max,
-            "absmax": self.absmax,
-            "zeros": self.zeros,
-            "small": self.small,
-            "active": self.active,
-            "hist": self.hist,
-            "sparsity_hist": self.sparsity_hist,
+            **{name: getattr(self, name) for name in PLAIN_FIELDS},
             **self.top,
         }
-        return {k: v.detach().clone().contiguous() for k, v in state.items()}
+        return {k: state[k].detach().clone().contiguous() for k in STATE_FIELDS}
 
     @classmethod
     def from_state_dict(
         cls, state: dict[str, torch.Tensor], config: dict[str, Any], *, where: str = "state"
     ) -> "ChannelStats":
         """Rebuild from ``state_dict()`` and ``config()``; raises ActlabError on any mismatch."""
-        if not isinstance(config, dict):
-            raise ActlabError(f"{where}: the stats config must be a JSON object, got {config!r}")
-        unknown = set(config) - {"width", "eps", "hist_range", "bins_per_octave", "sparsity_bins", "topk"}
-        if unknown or "width" not in config:
-            raise ActlabError(
-                f"{where}: bad stats config {config!r} (needs 'width'; unknown keys: {sorted(unknown)})"
-            )
+        check_config(config, where)
         try:
             self = cls(**config)
         except ActlabError as e:
             raise ActlabError(f"{where}: bad stats config: {e}") from None
-        missing = [k for k in _FIELDS if k not in state]
-        if missing:
-            raise ActlabError(f"{where}: missing stats tensors {missing}; the file is incomplete or corrupt")
-        n_top = state["top_value"].shape[0] if state["top_value"].dim() == 1 else -1
-        if not 0 <= n_top <= self.topk:
-            raise ActlabError(f"{where}: top_value holds {n_top} entries but topk is {self.topk}")
-        for name, (dtype, kind) in _FIELDS.items():
-            t = state[name]
-            shape = self._shape_of(kind, n_top)
-            if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape:
-                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ActlabError(
-                    f"{where}: stats tensor {name!r} should be {dtype} {shape}, got {got}; "
-                    "the file is corrupt or was written by an incompatible actlab"
-                )
+        check_state(state, self._shapes(), self.topk, where)
         self.count = int(state["count"])
-        if self.count < 0:
-            raise ActlabError(f"{where}: negative token count {self.count}; the file is corrupt")
-        self.nonfinite = state["nonfinite"].clone()
         self._mean = state["mean"].clone()
-        self.m2 = state["m2"].clone()
-        self.min = state["min"].clone()
-        self.max = state["max"].clone()
-        self.absmax = state["absmax"].clone()
-        self.zeros = state["zeros"].clone()
-        self.small = state["small"].clone()
-        self.active = state["active"].clone()
-        self.hist = state["hist"].clone()
-        self.sparsity_hist = state["sparsity_hist"].clone()
-        self.top = {name: state[name].clone() for name in _TOP_FIELDS}
+        for name in PLAIN_FIELDS:
+            setattr(self, name, state[name].clone())
+        self.top = {name: state[name].clone() for name in TOP_FIELDS}
         self._refresh_top_floor()
         return self
 
@@ -297,24 +189,10 @@ class ChannelStats:
             return torch.full(counts.shape, math.nan, dtype=torch.float64)
         return counts.to(torch.float64) / self.count
 
-    @property
-    def zero_frac(self) -> torch.Tensor:
-        """Fraction of tokens where the channel is exactly 0."""
-        return self._frac(self.zeros)
-
-    @property
-    def small_frac(self) -> torch.Tensor:
-        """Fraction of tokens where ``|x| < eps``."""
-        return self._frac(self.small)
-
-    @property
-    def active_frac(self) -> torch.Tensor:
-        """Fraction of tokens where ``|x| >= eps`` (``1 - small_frac`` unless NaNs were seen)."""
-        return self._frac(self.active)
-
-    @property
-    def nonfinite_frac(self) -> torch.Tensor:
-        return self._frac(self.nonfinite)
+    zero_frac = _fraction("zeros", "Fraction of tokens where the channel is exactly 0.")
+    small_frac = _fraction("small", "Fraction of tokens where ``|x| < eps``.")
+    active_frac = _fraction("active", "Fraction of tokens where ``|x| >= eps`` (``1 - small_frac`` unless NaNs were seen).")
+    nonfinite_frac = _fraction("nonfinite", "Fraction of tokens where the channel is NaN or +-inf.")
 
     @property
     def dead(self) -> torch.Tensor:
@@ -369,166 +247,55 @@ class ChannelStats:
                 f"{self.width}; expected [n_tokens, {self.width}]"
             )
         n = x.shape[0]
-        aux = []
-        for name, t in (("doc_ids", doc_ids), ("positions", positions), ("token_ids", token_ids)):
-            if t is None:
-                aux.append(None)
-                continue
-            t = torch.as_tensor(t)
-            if t.shape != (n,):
-                raise ActlabError(
-                    f"{name} has shape {tuple(t.shape)} but the activations have {n} tokens; "
-                    f"pass one {name[:-1]} per token"
-                )
-            aux.append(t)
+        aux = token_labels(n, doc_ids=doc_ids, positions=positions, token_ids=token_ids)
         if n == 0:
             return
         x = x.detach().cpu()
         if x.is_complex() or x.dtype == torch.bool:
             raise ActlabError(f"activations must be real numbers, got dtype {x.dtype}")
         work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        rows = max(1, _BLOCK_ELEMS // self.width)
+        rows = max(1, BLOCK_ELEMS // self.width)
         for start in range(0, n, rows):
             block = x[start : start + rows]
             if block.dtype != work or not block.is_contiguous():
                 # float16/bfloat16 -> float32 is exact
-                block = _scratch.get("in", work, tuple(block.shape)).copy_(block)
+                block = scratch.get("in", work, tuple(block.shape)).copy_(block)
             if not self._update_block_fast(block, start, aux):
                 self._update_block_exact(block, start, aux)
 
-    def _small_const(self, dtype: torch.dtype) -> tuple[float, float] | None:
-        """(c, B) such that ``clamp(c - B*|x|, 0, 1)`` is exactly the indicator ``|x| < eps``
-        in ``dtype``: B is a power of two scaling eps to ~2**40, so any positive gap
-        ``eps - |x|`` (at least one ulp of eps) becomes >= 1 and the sign is exact."""
-        if dtype not in self._small_consts:
-            eps_t = torch.tensor(self.eps, dtype=dtype)
-            eps_w = float(eps_t)
-            if eps_w == 0.0:
-                self._small_consts[dtype] = None
-            else:
-                e = math.frexp(eps_w)[1] - 1
-                big = 2.0 ** (40 - e)
-                self._small_consts[dtype] = (eps_w * big, big)
-        return self._small_consts[dtype]
-
     def _update_block_fast(self, xb: torch.Tensor, row0: int, aux) -> bool:
         """All-finite fast path; returns False (changing nothing) if the block holds
-        NaN/inf (or values whose squares overflow), for the exact path to handle.
-
-        The block is walked in cache-sized tiles (~_TILE_ELEMS values): every element-wise
-        pass after the first then reads the tile from cache instead of memory. Per-tile
-        partial results go into small preallocated stacks, reduced once per block.
-        """
-        n, w = xb.shape
-        dt = xb.dtype
-        # Shifted sums: d = x - ref with ref the running mean (or the block's own mean for the
-        # first block), so a large common offset cannot cancel catastrophically. Each tile is
-        # summed in the input precision; tiles and blocks are combined in float64.
-        if self.count > 0:
-            ref = self._mean.to(dt)
-        else:
-            ref = xb.sum(0).div_(n)
-            if not bool(torch.isfinite(ref).all()):
-                return False
-        tr = max(1, min(n, _TILE_ELEMS // w))
-        nt = -(-n // tr)
-        stacks = _scratch.get("stacks", dt, (6 * nt, w))
-        s1_t, s2_t, max_t, min_t, nz_t, sc_t = stacks.view(6, nt, w).unbind(0)
-        small_tok, rowmax = _scratch.get("rows", dt, (2, n)).unbind(0)
-        buf = _scratch.get("a", dt, (tr, w))
-        abuf = _scratch.get("b", dt, (tr, w))
-        consts = self._small_const(dt)
-        shift, half, n_raw = self.binning.raw_shift(dt)
-        int_dt = torch.int32 if dt == torch.float32 else torch.int64
-        raw = torch.zeros(n_raw, dtype=torch.int64)
-        for i in range(nt):
-            r0 = i * tr
-            xt = xb[r0 : r0 + tr]
-            m = xt.shape[0]
-            bt, at = buf[:m], abuf[:m]
-            torch.sub(xt, ref, out=bt)
-            torch.sum(bt, 0, out=s1_t[i])
-            bt.mul_(bt)
-            torch.sum(bt, 0, out=s2_t[i])
-            torch.amax(xt, 0, out=max_t[i])
-            torch.amin(xt, 0, out=min_t[i])
-            torch.abs(xt, out=at)
-            if self.topk:
-                torch.amax(at, 1, out=rowmax[r0 : r0 + m])
-            torch.sum(torch.sign(at, out=bt), 0, out=nz_t[i])
-            if consts is not None:
-                # exact 0/1 indicator of |x| < eps (see _small_const)
-                torch.add(consts[0], at, alpha=-consts[1], out=bt).clamp_(0.0, 1.0)
-                torch.sum(bt, 0, out=sc_t[i])
-                torch.sum(bt, 1, out=small_tok[r0 : r0 + m])
-            # histogram keys: sign, exponent and top mantissa bits of each value
-            key = torch.bitwise_right_shift(xt.view(int_dt), shift, out=bt.view(int_dt)).view(-1)
-            raw += torch.bincount(key.add_(half), minlength=n_raw)
-        f64 = torch.float64
-        s2 = s2_t.sum(0, dtype=f64)
-        if not bool(torch.isfinite(s2).all()):
+        NaN/inf (or values whose squares overflow), for the exact path to handle."""
+        block = fast_block(xb, self._mean if self.count > 0 else None, self.eps, self.binning, bool(self.topk))
+        if block is None:
             return False
-        s1 = s1_t.sum(0, dtype=f64)
-        mean_b = ref.to(f64) + s1 / n
-        m2_b = (s2 - s1 * s1 / n).clamp_(min=0.0)
-        bmax = max_t.amax(0).to(f64)
-        bmin = min_t.amin(0).to(f64)
-        if consts is None:
-            small_ch = torch.zeros(w, dtype=torch.int64)
-            small_tok = torch.zeros(n, dtype=torch.int64)
-        else:
-            small_ch = sc_t.sum(0, dtype=f64).to(torch.int64)
-            small_tok = small_tok.to(torch.int64)
-
-        self._merge_moments(n, mean_b, m2_b)
-        self.count += n
-        self.max = torch.maximum(self.max, bmax)
-        self.min = torch.minimum(self.min, bmin)
-        self.absmax = torch.maximum(self.absmax, torch.maximum(bmax.abs(), bmin.abs()))
-        self.zeros += n - nz_t.sum(0, dtype=f64).to(torch.int64)
-        self.small += small_ch
-        self.active += n - small_ch
-        self.hist += self.binning.fold(raw, dt)
-        self._add_sparsity(small_tok)
-        if self.topk:
-            self._add_top(xb, rowmax, row0, aux)
+        self._fold(block, row0, aux)
         return True
 
     def _update_block_exact(self, xb: torch.Tensor, row0: int, aux) -> None:
-        """Slow float64 path with explicit masks, for blocks holding NaN or +-inf (or huge
-        values): mean/var over the finite values only, NaN ignored by min/max/top-k."""
-        n, w = xb.shape
-        x = xb.to(torch.float64)
-        fin = torch.isfinite(x)
-        nan = torch.isnan(x)
-        n_fin = fin.sum(0)
-        zero = torch.zeros((), dtype=torch.float64)
-        xf = torch.where(fin, x, zero)
-        nb = n_fin.to(torch.float64)
-        mean_b = torch.where(nb > 0, xf.sum(0) / nb.clamp(min=1), zero)
-        m2_b = torch.where(fin, x - mean_b, zero).square().sum(0)
-        a = x.abs()
-        # eps as rounded to the input's precision, exactly as the fast path compares it
-        eps_w = float(torch.tensor(self.eps, dtype=xb.dtype))
-        small_m = a < eps_w
-        active_m = a >= eps_w
-        self._merge_moments(nb, mean_b, m2_b)
-        self.count += n
-        self.nonfinite += n - n_fin
-        inf = torch.tensor(math.inf, dtype=torch.float64)
-        self.max = torch.maximum(self.max, torch.where(nan, -inf, x).amax(0))
-        self.min = torch.minimum(self.min, torch.where(nan, inf, x).amin(0))
-        self.absmax = torch.maximum(self.absmax, torch.where(nan, zero, a).amax(0))
-        self.zeros += (x == 0).sum(0)
-        self.small += small_m.sum(0)
-        self.active += active_m.sum(0)
-        n_nan = int(nan.sum())
-        hist = self.binning.histogram(torch.where(nan, zero, x))
-        hist[self.binning.center_bin] -= n_nan
-        hist[self.binning.nan_bin] += n_nan
-        self.hist += hist.cpu()
-        self._add_sparsity(small_m.sum(1))
-        self._add_top(x, torch.where(nan, -torch.ones((), dtype=torch.float64), a).amax(1), row0, aux)
+        """Slow float64 path with explicit masks, for blocks holding NaN or +-inf (or huge values)."""
+        self._fold(exact_block(xb, self.eps, self.binning), row0, aux)
+
+    def _fold(self, b: BlockStats, row0: int, aux) -> None:
+        """Add one block of activations: its counters, its sparsity per row, its top-k candidates."""
+        self._add_counts(b)
+        self._add_sparsity(b.small_per_row)
+        if b.rowmax is not None:
+            self._add_top(b.values, b.rowmax, row0, aux)
+
+    def _add_counts(self, b: BlockStats) -> None:
+        """What every fold shares: Chan's merge of the moments, then counts, extrema, counters, histogram."""
+        self._merge_moments(b.n_finite, b.mean, b.m2)
+        self.count += b.n
+        if b.nonfinite is not None:
+            self.nonfinite += b.nonfinite
+        self.max = torch.maximum(self.max, b.max)
+        self.min = torch.minimum(self.min, b.min)
+        self.absmax = torch.maximum(self.absmax, b.absmax)
+        self.zeros += b.zeros
+        self.small += b.small
+        self.active += b.active
+        self.hist += b.hist
 
     def _merge_moments(self, n_b, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
         """Chan et al. parallel update of (n, mean, M2), per channel, in float64."""
@@ -545,51 +312,15 @@ class ChannelStats:
         self.sparsity_hist += torch.bincount(idx.cpu(), minlength=b)
 
     def _add_top(self, xb: torch.Tensor, rowmax: torch.Tensor, row0: int, aux) -> None:
-        """Top-k of |x| in the block (``rowmax``: max |x| of each row, NaN as -1), then merge
-        with the kept entries.
-
-        Order: larger |x| first, ties by earlier row (rows are in doc, position order) then
-        lower channel. The block's k best entries lie in the k best rows by that order of
-        their max (any other entry is preceded by the max entry of each of those rows), and
-        all are >= the k-th largest row max; so only a few candidates are ever sorted, and
-        ties are broken the same way whatever the chunking.
-        """
+        """Merge the block's top-k candidates (see ``topk.block_top``) with the kept entries."""
         k = self.topk
         if k == 0:
             return
-        n, w = xb.shape
         if float(rowmax.max()) < self._top_floor:
             return  # nothing here can enter the kept top-k
-        kk = min(k, n)
-        t_row = torch.topk(rowmax, kk).values[-1]
-        above = torch.nonzero(rowmax > t_row).view(-1)
-        ties = torch.nonzero(rowmax == t_row).view(-1)[: kk - above.numel()]
-        rows = torch.cat([above, ties]).sort().values
-        cand = xb[rows].abs().reshape(-1)  # row-major: (row, channel) order
-        if not bool(torch.isfinite(cand).all()):
-            cand = torch.where(torch.isnan(cand), -1.0, cand)  # NaN never enters the top-k
-        sel = torch.nonzero(cand >= max(float(t_row), 0.0)).view(-1)
-        vals = cand[sel]
-        if sel.numel() > k:
-            kth = torch.topk(vals, k).values[-1]
-            top = sel[vals > kth]
-            sel = torch.cat([top, sel[vals == kth][: k - top.numel()]]).sort().values
-        flat = sel
-        r = rows[flat // w]
-        ch = flat % w
-        g = (r + row0).cpu()
-        fields = {
-            "top_value": xb[r, ch].to(torch.float64).cpu(),
-            "top_channel": ch.to(torch.int64).cpu(),
-        }
-        for name, t in zip(("top_doc", "top_position", "top_token"), aux):
-            fields[name] = (
-                torch.full((g.numel(),), -1, dtype=torch.int64)
-                if t is None
-                else t[g.to(t.device)].to(torch.int64).cpu()
-            )
-        merged = {name: torch.cat([self.top[name], fields[name]]) for name in _TOP_FIELDS}
-        self.top = _select_top(merged, k)
+        fields = block_top(xb, rowmax, row0, aux, k)
+        merged = {name: torch.cat([self.top[name], fields[name]]) for name in TOP_FIELDS}
+        self.top = select_top(merged, k)
         self._refresh_top_floor()
 
     def _refresh_top_floor(self) -> None:
@@ -609,20 +340,15 @@ class ChannelStats:
             )
         if other is self:
             other = other.copy()
-        self._merge_moments(other.n_finite.to(torch.float64), other._mean, other.m2)
-        self.count += other.count
-        self.nonfinite += other.nonfinite
-        self.min = torch.minimum(self.min, other.min)
-        self.max = torch.maximum(self.max, other.max)
-        self.absmax = torch.maximum(self.absmax, other.absmax)
-        self.zeros += other.zeros
-        self.small += other.small
-        self.active += other.active
-        self.hist += other.hist
+        self._add_counts(BlockStats(
+            n=other.count, n_finite=other.n_finite.to(torch.float64), mean=other._mean, m2=other.m2,
+            max=other.max, min=other.min, absmax=other.absmax, zeros=other.zeros, small=other.small,
+            active=other.active, nonfinite=other.nonfinite, hist=other.hist,
+        ))
         self.sparsity_hist += other.sparsity_hist
         if self.topk:
-            merged = {name: torch.cat([self.top[name], other.top[name]]) for name in _TOP_FIELDS}
-            self.top = _select_top(merged, self.topk)
+            merged = {name: torch.cat([self.top[name], other.top[name]]) for name in TOP_FIELDS}
+            self.top = select_top(merged, self.topk)
             self._refresh_top_floor()
         return self
 

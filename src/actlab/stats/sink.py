@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from actlab.errors import ActlabError
+from actlab.files import open_tensors, save_tensors
 from actlab.stats.channel import STATE_FIELDS, ChannelStats
 
 if TYPE_CHECKING:  # no runtime import: the engine may import this module
@@ -145,8 +146,6 @@ class StatsSink:
         """Write one safetensors file: tensors ``"<site>/<field>"`` plus a JSON header (format,
         version, actlab version, site widths, config and ``metadata``, e.g. model name and
         config hash) in the safetensors metadata under ``"actlab"``. Written atomically."""
-        from safetensors.torch import save_file
-
         if not self.stats:
             raise ActlabError("no sites to save: the stats sink has not seen any batch")
         if metadata is not None and not isinstance(metadata, dict):
@@ -163,12 +162,9 @@ class StatsSink:
         path = Path(path)
         if path.parent and not path.parent.exists():
             raise ActlabError(f"cannot write {path}: directory {path.parent} does not exist")
-        tmp = path.with_name(path.name + ".tmp")
         try:
-            save_file(tensors, str(tmp), metadata={HEADER_KEY: header})
-            os.replace(tmp, path)
+            save_tensors(path, tensors, None, {HEADER_KEY: header})
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise ActlabError(f"cannot write stats file {path}: {e}") from None
         return path
 
@@ -176,8 +172,6 @@ class StatsSink:
     def load(cls, path: str | os.PathLike) -> "StatsSink":
         """Read a file written by ``save``; ActlabError if it is missing, corrupt or foreign.
         The caller's metadata is in ``.metadata``, the whole header in ``.file_header``."""
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             what = "is a directory, not a stats file" if path.is_dir() else "not found"
@@ -185,7 +179,7 @@ class StatsSink:
         bad = f"{path} is not a valid actlab stats file"
         tensors: dict[str, torch.Tensor] = {}
         try:
-            with safe_open(str(path), framework="pt") as f:
+            with open_tensors(path) as f:
                 meta = f.metadata() or {}
                 raw_header = meta.get(HEADER_KEY)
                 if raw_header is None:

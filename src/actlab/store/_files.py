@@ -1,39 +1,26 @@
-"""File-level helpers for the store: atomic writes, checksums, the writer lock."""
+"""File-level helpers for the store: temp names, checksums, durable JSON, the directory lock."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
 from actlab.errors import ActlabError
+from actlab.files import write_json
 
 TMP_SUFFIX = ".tmp"
 _CHUNK = 1 << 20
 
 
 def tmp_path_for(path: Path) -> Path:
-    """Hidden temp name next to ``path`` (same directory, so os.replace is atomic)."""
+    """Hidden temp name next to ``path`` (same directory, so os.replace is atomic; the pid keeps
+    two writers of one file apart)."""
     return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
 
 
 def is_tmp_file(path: Path) -> bool:
     return path.name.startswith(".") and path.name.endswith(TMP_SUFFIX)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename inside ``directory`` durable (best effort where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def sha256_file(path: Path) -> str:
@@ -44,35 +31,22 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def finish_atomic(tmp: Path, final: Path) -> None:
-    """fsync a fully written temp file, then rename it over ``final`` and fsync the directory."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-
-
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = tmp_path_for(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        finish_atomic(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """The store's JSON files (manifest, shard markers): hidden temp name, fsync, rename."""
+    write_json(path, data, tmp=tmp_path_for(path), durable=True)
 
 
 class DirLock:
-    """An exclusive, non-blocking flock on the store directory itself.
+    """A non-blocking flock on the store directory itself: exclusive for whoever plans or finalises
+    a store (or records it whole), shared for the workers writing its shards.
 
     The kernel drops it when the process dies (kill -9 included), so a stale lock never blocks a
     resume. On systems without fcntl it does nothing.
     """
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, *, shared: bool = False):
         self.directory = directory
+        self.shared = shared
         self._fd: int | None = None
 
     def __enter__(self) -> "DirLock":
@@ -82,7 +56,7 @@ class DirLock:
             return self
         fd = os.open(self.directory, os.O_RDONLY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
             raise ActlabError(

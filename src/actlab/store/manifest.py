@@ -41,6 +41,11 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
+def marker_name(index: int) -> str:
+    """The completion marker of shard ``index`` (present only while a store is being written)."""
+    return f"shard-{index:05d}.done.json"
+
+
 def positions_to_json(positions):
     """"all" / "last" stay strings; a (start, stop) span becomes a 2-list."""
     if isinstance(positions, (tuple, list)):

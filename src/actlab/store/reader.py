@@ -6,16 +6,18 @@ import bisect
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from actlab.errors import ActlabError
+from actlab.files import open_tensors
 from actlab.models.model import same_model
-from actlab.store._files import sha256_file
 from actlab.store.manifest import INDEX_KEYS, MANIFEST_NAME, positions_from_json, read_manifest, torch_dtype
+
+if TYPE_CHECKING:
+    from actlab.store.shuffle import ShuffledReader
 
 Index = int | slice | Sequence[int] | torch.Tensor | np.ndarray
 
@@ -134,7 +136,7 @@ class Store:
         if not path.is_file():
             raise ActlabError(f"{path} is missing; run `actlab store verify {self.path}`, then record again to restore it")
         try:
-            return safe_open(str(path), framework="pt")
+            return open_tensors(path)
         except Exception as e:
             raise ActlabError(f"cannot read {path} ({e}); run `actlab store verify {self.path}`") from None
 
@@ -155,6 +157,23 @@ class Store:
         """Yield one dict per shard, in token order: ``{site: [n, width], token_ids: [n], doc_ids, positions}``."""
         for k in range(len(self._shards)):
             yield self.load_shard(k, keys)
+
+    def batches(self, sites: str | Sequence[str], batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                shuffle_buffer: int | None = None, epochs: int = 1, drop_last: bool = False,
+                device=None, dtype=None) -> "ShuffledReader":
+        """Minibatches for training: every recorded token once per epoch, in an order set by ``seed``.
+
+        ``sites``: one key (batches are ``[batch_size, width]`` tensors) or a list of keys (batches
+        are dicts of row-aligned tensors); keys are sites or ``token_ids`` / ``doc_ids`` /
+        ``positions``. Shards are visited in a random order and rows pass through a shuffle buffer of
+        ``shuffle_buffer`` rows (default: the largest shard), so memory stays at about the buffer plus
+        one shard. ``shuffle=False`` keeps the store's order. Each epoch ends with a partial batch
+        unless ``drop_last``. ``device`` / ``dtype`` (sites only) convert each batch as it is handed out.
+        """
+        from actlab.store.shuffle import ShuffledReader
+
+        return ShuffledReader(self, sites, batch_size, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
+                              epochs=epochs, drop_last=drop_last, device=device, dtype=dtype)
 
     # ------------------------------------------------------- random access
     def _indices(self, idx: Index) -> tuple[torch.Tensor | range, bool]:
@@ -276,60 +295,9 @@ class Store:
         sha256 (skipped with ``checksums=False``), opens as safetensors, and holds every site and index
         tensor with the manifest's shape and dtype; and that token offsets follow one another.
         """
-        problems: list[str] = []
-        plan = self.manifest["plan"]
-        planned = plan.get("n_shards")
-        recorded = {e.get("index") for e in self._shards}
-        if isinstance(planned, int):
-            missing = [i for i in range(planned) if i not in recorded]
-            if missing:
-                problems.append(
-                    f"incomplete: {len(missing)} of {planned} planned shards are not recorded yet "
-                    "(run the same record command again to finish)"
-                )
-        expected_offset = 0
-        for entry in self._shards:
-            name = entry.get("file", "?")
-            path = self.path / name
-            n = int(entry.get("n_tokens", -1))
-            if entry.get("token_offset") != expected_offset:
-                problems.append(f"{name}: token offset {entry.get('token_offset')} in the manifest, expected {expected_offset}")
-            expected_offset = int(entry.get("token_offset", 0)) + n
-            if not path.is_file():
-                problems.append(f"{name}: missing")
-                continue
-            size = path.stat().st_size
-            if size != entry.get("bytes"):
-                problems.append(f"{name}: {size} bytes, the manifest says {entry.get('bytes')} (file truncated or replaced)")
-            if checksums:
-                digest = sha256_file(path)
-                if digest != entry.get("sha256"):
-                    problems.append(
-                        f"{name}: checksum mismatch (sha256 {digest[:16]}..., manifest {str(entry.get('sha256'))[:16]}...): "
-                        "the file is corrupted or was modified"
-                    )
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    present = set(f.keys())
-                    for key in self.keys():
-                        if key not in present:
-                            problems.append(f"{name}: no '{key}' tensor")
-                            continue
-                        sl = f.get_slice(key)
-                        shape = list(sl.get_shape())
-                        want = [n, self.widths[key]] if key in self.widths else [n]
-                        if shape != want:
-                            problems.append(f"{name}: '{key}' has shape {shape}, the manifest says {want}")
-                        dtype = sl.get_dtype()
-                        want_dtype = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(self.manifest["dtype"]) \
-                            if key in self.widths else "I64"
-                        if dtype != want_dtype:
-                            problems.append(f"{name}: '{key}' has dtype {dtype}, expected {want_dtype}")
-            except Exception as e:  # safetensors raises its own error types for broken headers
-                problems.append(f"{name}: unreadable ({e})")
-        if expected_offset != self.manifest.get("n_tokens", expected_offset):
-            problems.append(f"manifest: n_tokens is {self.manifest.get('n_tokens')}, the shards hold {expected_offset}")
-        return problems
+        from actlab.store.verify import verify_store
+
+        return verify_store(self, checksums=checksums)
 
     def info(self) -> dict:
         """A summary for ``actlab store info``."""

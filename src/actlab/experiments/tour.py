@@ -17,6 +17,8 @@ from rich.table import Table
 
 GENRE = "scripture"
 
+__all__ = ["run_tour", "Section", "GENRE"]
+
 
 @dataclass
 class Section:
@@ -57,48 +59,28 @@ def _generations_table(console: Console, title: str, prompts: list[str], columns
     return rows
 
 
-def run_tour(
-    out_dir: str | Path = "demo",
-    *,
-    donor_name: str = "demo-llama",
-    recipient_name: str = "demo-gpt2",
-    quick: bool = False,
-    console: Console | None = None,
-    log: Callable[[str], None] | None = None,
-) -> Path:
-    """Run the whole tour and return the path of the combined report."""
-    import actlab
+def _profiles(models, out: Path, quick: bool, console: Console) -> dict:
     from actlab.analyses.profile import run_profile
-    from actlab.interventions.evaluate import dose_response, genre_setup
-    from actlab.interventions.fit import fit_steering
-    from actlab.report.html import render_section, write_json, write_report
-    from actlab.transfer.evaluate import evaluate_transfer
-
-    console = console or Console()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    say = log or (lambda text: console.rule(f"[bold cyan]{text}"))
-
-    say("1/5  load the bundled demo models")
-    donor, recipient = actlab.load(donor_name), actlab.load(recipient_name)
-    console.print(f"donor     {donor!r}\nrecipient {recipient!r}")
-
-    say("2/5  profile both models")
     from actlab.datasets import default_prompts
     from actlab.datasets.genres import neutral
 
     docs = default_prompts()[: 160 if quick else None]
     eval_texts = neutral()[:12]
     profiles = {}
-    for model in (donor, recipient):
+    for model in models:
         run = run_profile(model, docs, eval_texts=eval_texts, out_dir=out / f"profile-{model.name}",
                           reservoir_size=2048, progress=True)
         profiles[model.name] = run
         console.print(run.headline_table(f"profile of {model.name}"))
+    return profiles
 
-    say(f"3/5  steer {donor.name} toward {GENRE}")
-    from actlab.transfer.evaluate import DEFAULT_VECTOR_COEF, default_site
+
+def _steer(donor, quick: bool, console: Console) -> Section:
+    """Fit the genre vector, show plain vs steered generations, draw its dose-response curve."""
+    from actlab.experiments.genre_data import genre_setup
+    from actlab.experiments.steering_eval import dose_response
+    from actlab.experiments.transfer_eval import DEFAULT_VECTOR_COEF, default_site
+    from actlab.interventions.fit import fit_steering
 
     setup = genre_setup(GENRE, n_prompts=8 if quick else 16)
     site = default_site(donor)  # the vector pasted in step 4 is fitted the same way at the same layer
@@ -114,21 +96,7 @@ def run_tour(
     dose = dose_response(donor, {"mean-diff": vector}, coefs, target_genre=GENRE, prompts=setup.prompts,
                          neutral_texts=setup.neutral_texts, progress=True)
     console.print(dose.table())
-
-    say(f"4/5  paste it into {recipient.name} (Command-V)")
-    transfer = evaluate_transfer(donor, recipient, kind="vector", target_genre=GENRE, progress=True,
-                                 n_eval_prompts=16 if quick else 32, samples_per_prompt=2, cache_dir=out / "cache")
-    for line in transfer.summary_lines():
-        console.print(line)
-    c = transfer.conditions
-    _generations_table(
-        console, f"{recipient.name}: a sampled continuation per condition", ["(first held-out prompt)"],
-        {"plain": [c["none"].samples[0] if c["none"].samples else ""],
-         "pasted": [c["pasted"].samples[0] if c["pasted"].samples else ""],
-         "direct": [c["direct"].samples[0] if c["direct"].samples else ""]})
-
-    say("5/5  write the report")
-    steer_section = Section(
+    return Section(
         key="steering", title=f"Steering {donor.name} toward {GENRE}",
         explanation=("A mean-difference (CAA) vector fitted on contrast pairs (the same prompt continued in "
                      f"{GENRE} vs another genre) is added to {site} at every position. The left panel is the rate at "
@@ -137,7 +105,21 @@ def run_tour(
                      "random vector of the same norm: the control."),
         headline_text=_dose_headline(dose), data=dose.to_dict(), figs=[dose.figure()],
         rows=(["prompt", "plain", f"steered ×{coef:g}"], steer_rows))
-    transfer_section = Section(
+
+
+def _paste(donor, recipient, out: Path, quick: bool, console: Console) -> Section:
+    """Command-V: paste the vector into the recipient and compare with its own and a random one."""
+    from actlab.experiments.transfer_eval import evaluate_transfer
+
+    transfer = evaluate_transfer(donor, recipient, kind="vector", target_genre=GENRE, progress=True,
+                                 n_eval_prompts=16 if quick else 32, samples_per_prompt=2, cache_dir=out / "cache")
+    for line in transfer.summary_lines():
+        console.print(line)
+    c = transfer.conditions
+    first = {n: [c[n].samples[0] if c[n].samples else ""] for n in ("none", "pasted", "direct")}
+    _generations_table(console, f"{recipient.name}: a sampled continuation per condition", ["(first held-out prompt)"],
+                       {"plain": first["none"], "pasted": first["pasted"], "direct": first["direct"]})
+    return Section(
         key="transfer", title=f"Pasting the vector into {recipient.name} (Command-V)",
         explanation=("Both models are profiled on the same prompts; ridge converters between matched layers map the "
                      "donor's steering vector into the recipient's residual stream without any training. 'direct' is "
@@ -148,7 +130,14 @@ def run_tour(
         data=transfer.to_dict(), figs=[transfer.figure()],
         rows=(["condition", "genre rate", "perplexity", "effect"],
               [[n, round(c[n].rate, 3), round(c[n].perplexity, 1), round(c[n].effect, 3)] for n in c]))
-    results = [steer_section, transfer_section]
+
+
+def _write(out: Path, donor, recipient, sections: list[Section], profiles: dict, start: float,
+           console: Console) -> Path:
+    from actlab.report.html import render_section, write_report
+    from actlab.report.serialize import write_json
+
+    results = list(sections)
     for name, run in profiles.items():  # each profile's headlines join the summary table
         results.append(Section(
             key=f"profile-{name}", title=f"Profile of {name}",
@@ -165,11 +154,43 @@ def run_tour(
     subtitle = (f"donor {donor.name} → recipient {recipient.name} · target genre {GENRE} · "
                 f"made by `actlab demo` in {seconds / 60:.1f} min")
     path = write_report(out / "report.html", "actlab tour", subtitle, results, extra_sections=profile_sections)
-    write_json(out / "tour.json", {"steering": dose.to_dict(), "transfer": transfer.to_dict(),
+    steer, transfer = sections
+    write_json(out / "tour.json", {"steering": steer.data, "transfer": transfer.data,
                                    "profiles": {n: r.to_dict()["summary"] for n, r in profiles.items()},
-                                   "seconds": seconds})
+                                   "seconds": seconds}, indent=1)
     console.print(f"[green]report:[/] {path.resolve()}  ({seconds / 60:.1f} min)")
     return path
+
+
+def run_tour(
+    out_dir: str | Path = "demo",
+    *,
+    donor_name: str = "demo-llama",
+    recipient_name: str = "demo-gpt2",
+    quick: bool = False,
+    console: Console | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Run the whole tour and return the path of the combined report."""
+    import actlab
+
+    console = console or Console()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    say = log or (lambda text: console.rule(f"[bold cyan]{text}"))
+
+    say("1/5  load the bundled demo models")
+    donor, recipient = actlab.load(donor_name), actlab.load(recipient_name)
+    console.print(f"donor     {donor!r}\nrecipient {recipient!r}")
+    say("2/5  profile both models")
+    profiles = _profiles((donor, recipient), out, quick, console)
+    say(f"3/5  steer {donor.name} toward {GENRE}")
+    steer = _steer(donor, quick, console)
+    say(f"4/5  paste it into {recipient.name} (Command-V)")
+    transfer = _paste(donor, recipient, out, quick, console)
+    say("5/5  write the report")
+    return _write(out, donor, recipient, [steer, transfer], profiles, start, console)
 
 
 def _dose_headline(dose) -> str:

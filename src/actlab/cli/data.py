@@ -1,0 +1,113 @@
+"""``actlab record`` / ``stats`` / ``store``: activations to disk, streaming statistics, store checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from actlab.cli import (
+    SITES_HELP, BatchOpt, DataOpt, DeviceOpt, DtypeOpt, MaxTokensOpt, ModelArg, app, console, documents,
+    err_console, friendly, load_model, store_app,
+)
+from actlab.errors import ActlabError
+
+
+def _positions(value: str):
+    if value in ("all", "last"):
+        return value
+    try:
+        lo, hi = value.split(":")
+        return (int(lo) if lo else None, int(hi) if hi else None)
+    except ValueError:
+        raise ActlabError(f"--positions must be 'all', 'last' or a span 'start:stop' (e.g. 0:32), not {value!r}") from None
+
+
+@app.command()
+@friendly
+def record(
+    model: str = ModelArg,
+    out: Path = typer.Option(..., "--out", "-o", help="Store directory (created; resumed if it holds a partial run)."),
+    data: Optional[Path] = DataOpt,
+    sites: str = typer.Option("resid.*", help=SITES_HELP),
+    positions: str = typer.Option("all", help="Tokens to record: all, last, or a span start:stop."),
+    max_tokens: Optional[int] = MaxTokensOpt,
+    batch_size: int = BatchOpt,
+    shard_tokens: Optional[int] = typer.Option(None, help="Tokens per shard file, the unit of resume (default: ~256 MiB shards)."),
+    store_dtype: Optional[str] = typer.Option(None, "--store-dtype", help="Dtype on disk (default: the model's)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing store made with other settings."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+):
+    """Record activations into a sharded, checksummed, resumable on-disk store."""
+    from actlab.store import record as record_store
+
+    m = load_model(model, device, dtype)
+    docs = documents(data, m, max_tokens)
+    store = record_store(m, docs, sites, out, positions=_positions(positions), batch_size=batch_size,
+                         shard_tokens=shard_tokens, dtype=store_dtype, overwrite=overwrite, progress=True)
+    info = store.info()
+    console.print(f"[green]stored[/] {info['n_tokens']:,} tokens × {len(info['sites'])} sites in {out}")
+
+
+@app.command()
+@friendly
+def stats(
+    model: str = ModelArg,
+    data: Optional[Path] = DataOpt,
+    sites: str = typer.Option("resid.*,mlp.hidden.*", help=SITES_HELP),
+    out: Path = typer.Option(Path("stats.safetensors"), "--out", "-o", help="Output file (safetensors + JSON header)."),
+    max_tokens: Optional[int] = MaxTokensOpt,
+    batch_size: int = BatchOpt,
+    eps: float = typer.Option(1e-3, help="|x| below eps counts as (near) zero."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+):
+    """Streaming per-channel statistics (mean, variance, extrema, sparsity, histogram, top-k) of sites."""
+    from actlab.stats import StatsSink
+
+    m = load_model(model, device, dtype)
+    docs = documents(data, m, max_tokens)
+    names = m.resolve(sites)
+    sink = StatsSink({s: m.sites[s] for s in names}, eps=eps)
+    summary = m.run(docs, names, sink, batch_size=batch_size, progress=True, description="stats")
+    sink.save(out, metadata=m.identity())
+    table = Table(title=f"{summary.n_tokens:,} tokens, {summary.tokens_per_second:,.0f} tok/s")
+    rows = sink.summary()
+    columns = list(next(iter(rows.values())).keys())
+    table.add_column("site")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for site, values in rows.items():
+        table.add_row(site, *[f"{v:.4g}" if isinstance(v, float) else str(v) for v in values.values()])
+    console.print(table)
+    console.print(f"[green]wrote[/] {out}")
+
+
+@store_app.command("info")
+@friendly
+def store_info(path: Path = typer.Argument(..., help="Store directory.")):
+    """Summarise a store: model, sites, tokens, shards."""
+    from actlab.store import Store
+
+    info = Store(path).info()
+    table = Table(show_header=False)
+    for key, value in info.items():
+        table.add_row(str(key), str(value))
+    console.print(table)
+
+
+@store_app.command("verify")
+@friendly
+def store_verify(path: Path = typer.Argument(..., help="Store directory.")):
+    """Check every shard against the manifest's checksums; exit 1 if anything is wrong."""
+    from actlab.store import Store
+
+    problems = Store(path).verify()
+    if problems:
+        for problem in problems:
+            err_console.print(f"[red]✗[/] {problem}")
+        raise typer.Exit(1)
+    console.print(f"[green]✓[/] {path}: every shard matches its checksum")

@@ -1,0 +1,83 @@
+"""actlab.linalg: the shared splits, ridge solve and R² every fitter uses."""
+
+import math
+
+import pytest
+import torch
+
+from actlab import linalg
+from actlab.analyses.affine import fit_affine, reservoir_split
+from actlab.errors import ActlabError
+
+
+def test_split_indices_is_a_seeded_sorted_permutation():
+    kept, held = linalg.split_indices(50, 10, seed=3)
+    perm = torch.randperm(50, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(held, torch.sort(perm[:10]).values) and torch.equal(kept, torch.sort(perm[10:]).values)
+    assert sorted(kept.tolist() + held.tolist()) == list(range(50))
+    raw_kept, raw_held = linalg.split_indices(50, 10, seed=3, sort=False)
+    assert torch.equal(raw_held, perm[:10]) and torch.equal(raw_kept, perm[10:])
+    gen = torch.Generator().manual_seed(3)
+    first, second = linalg.split_indices(50, 10, gen), linalg.split_indices(50, 10, gen)
+    assert not torch.equal(first[1], second[1])  # a shared generator keeps drawing
+
+
+def test_reservoir_split_halves_and_keeps_two_training_rows():
+    train, test = reservoir_split(11, seed=0)
+    assert (train.numel(), test.numel()) == (6, 5)
+    assert reservoir_split(10, n_test=100)[0].numel() == 2
+    with pytest.raises(ActlabError, match="only 3 tokens"):
+        reservoir_split(3)
+
+
+def test_held_out_count():
+    assert linalg.held_out_count(100, 0.2) == 20
+    assert linalg.held_out_count(3, 0.2, at_least=1) == 1
+    assert linalg.held_out_count(3, 0.2, min_n=10) == 0
+    with pytest.raises(ActlabError):
+        linalg.held_out_count(10, 1.0)
+
+
+def test_r2_score_and_constant_targets():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(40, 3, generator=gen)
+    pred = y + 0.1 * torch.randn(40, 3, generator=gen)
+    sse = float(((pred.double() - y.double()) ** 2).sum())
+    sst = float(((y.double() - y.double().mean(0)) ** 2).sum())
+    assert linalg.r2_score(pred, y) == pytest.approx(1 - sse / sst, rel=1e-12)
+    assert linalg.r2_score(y, y) == 1.0
+    assert math.isnan(linalg.r2_score(pred, torch.ones(40, 3)))
+
+
+def test_ridge_solve_solves_the_normal_equations():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 4, generator=gen, dtype=torch.float64)
+    y = torch.randn(30, 2, generator=gen, dtype=torch.float64)
+    gram, cross = x.T @ x, x.T @ y
+    w = linalg.ridge_solve(gram, cross, 0.5)
+    torch.testing.assert_close((gram + 0.5 * torch.eye(4, dtype=torch.float64)) @ w, cross)
+    torch.testing.assert_close(linalg.ridge_solve(gram, cross, 0.0), torch.linalg.lstsq(x, y).solution)
+
+
+def test_fit_ridge_recovers_a_linear_map():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(400, 6, generator=gen)
+    m = torch.randn(6, 3, generator=gen)
+    y = x @ m + 2.0 + 0.01 * torch.randn(400, 3, generator=gen)
+    fit = linalg.fit_ridge(x, y)
+    assert fit.r2 > 0.999 and fit.train_r2 > 0.999
+    torch.testing.assert_close(fit(x).float(), y, atol=0.05, rtol=0)
+    with pytest.raises(ActlabError, match="same n"):
+        linalg.fit_ridge(x, y[:10])
+
+
+def test_fit_affine_uses_the_shared_solver():
+    """fit_affine's system is ridge_solve on standardized inputs: an exact affine map comes back (up to the
+    1e-6 guard ridge), whatever the scale of each input channel."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 5, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 10.0, 100.0, 0.1, 1.0])
+    w = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    fit = fit_affine(x, x @ w + 1.5)
+    assert fit.ridge == 1e-6
+    torch.testing.assert_close(fit.weight, w, atol=1e-3, rtol=0)
+    torch.testing.assert_close(fit(x), x @ w + 1.5, atol=0, rtol=1e-4)
