@@ -65,3 +65,17 @@ def test_hf_internals_only_in_models():
             if HF_INTERNALS.search(code):
                 hits.append(f"{rel}:{number}: {line.strip()}")
     assert not hits
+
+
+def test_files_and_functions_stay_small():
+    """docs/architecture.md's size rule: no source file over 400 lines, no function over 80."""
+    too_long = []
+    for path in sorted(SRC.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        rel = path.relative_to(SRC)
+        if len(text.splitlines()) > 400:
+            too_long.append(f"{rel}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                too_long.append(f"{rel}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long
