@@ -1,10 +1,13 @@
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# internal-error logs of the CLI go to a throwaway folder, never into the user's ~/.cache
+os.environ.setdefault("ACTLAB_LOG_DIR", tempfile.mkdtemp(prefix="actlab-test-logs-"))
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402

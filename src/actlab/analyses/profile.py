@@ -13,6 +13,7 @@ from typing import Sequence
 
 from actlab.analyses.base import ProfileData, collect_profile_data
 from actlab.engine.progress import progress_bar
+from actlab.engine.config import positive_int
 from actlab.errors import ActlabError
 
 ANALYSES = ("sparsity", "dead", "ppl_sparsity", "massive", "linearity", "lenses", "redundancy", "readout")
@@ -93,6 +94,10 @@ def run_profile(
     from actlab.analyses.redundancy import module_redundancy
     from actlab.analyses.sparsity import activation_sparsity
 
+    if isinstance(analyses, str):
+        raise ActlabError(f"analyses must be a list of names such as ['sparsity', 'lenses'], not the string {analyses!r}")
+    positive_int(reservoir_size, "reservoir_size")
+    positive_int(batch_size, "batch_size")
     unknown = sorted(set(analyses) - set(ANALYSES))
     if unknown:
         raise ActlabError(f"unknown analyses {unknown}; choose from {', '.join(ANALYSES)}")

@@ -1,24 +1,24 @@
 """The ``actlab`` command line: a thin typer shell over the library functions.
 
-This module holds the app, its sub-command groups, the error wrapper and the options several commands
-share; each command group lives in its own module (``data``: record / stats / store, ``profile``,
-``steer``: steer / adapter, ``paste``, ``model``: sites / generate, ``demo``). Commands import the
-library lazily, so ``actlab --help`` does not load torch.
+This module holds the app, its sub-command groups and the options and argument checks several
+commands share; the error boundary every command runs in is ``boundary.friendly`` (one line and exit
+2 for the user's mistakes, a crash log and exit 1 for bugs). Each command group lives in its own module
+(``data``: record / stats / store, ``profile``, ``steer``: steer / adapter, ``paste``, ``model``:
+sites / generate, ``demo``). Commands check their arguments and output paths before loading a model,
+and import the library lazily, so ``actlab --help`` does not load torch.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
-import os
+import math
 import typing
-import warnings
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import typer
-from rich.console import Console
 
+from actlab.cli.boundary import console, err_console, friendly
 from actlab.errors import ActlabError
 
 app = typer.Typer(
@@ -35,8 +35,18 @@ adapter_app = typer.Typer(help="Train low-rank residual adapters (ReFT-like).", 
 app.add_typer(adapter_app, name="adapter")
 paste_app = typer.Typer(help="Command-V: paste an intervention from a donor model into a recipient.", no_args_is_help=True)
 app.add_typer(paste_app, name="paste")
-console = Console()
-err_console = Console(stderr=True)
+
+_SETTINGS = {"allow_pickle": False}
+
+
+@app.callback()
+def _global_options(
+    allow_pickle: bool = typer.Option(
+        False, "--allow-pickle", help="Also load model folders that only have pickle weights (pytorch_model.bin). "
+        "Reading pickle can run code: use it only for files you trust."),
+) -> None:
+    _SETTINGS["allow_pickle"] = allow_pickle
+
 
 MODEL_HELP = "A bundled demo model (demo-llama, demo-gpt2), a local model directory, or a hub id (needs network)."
 DATA_HELP = (
@@ -54,25 +64,6 @@ MaxTokensOpt = typer.Option(None, help="Stop after this many input tokens.")
 BatchOpt = typer.Option(8, help="Documents per forward pass.")
 NewTokensOpt = typer.Option(24, help="New tokens per continuation.")
 MaxGainOpt = typer.Option(1.5, help="Cap on the de-attenuation gain (1 = off).")
-
-
-def friendly(fn: Callable) -> Callable:
-    """Print ActlabErrors as one red line (exit 2) instead of a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-        warnings.filterwarnings("ignore", message=".*Model config.*")
-        try:
-            return fn(*args, **kwargs)
-        except ActlabError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}")
-            raise typer.Exit(2)
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]: finished work is kept; run the same command again to resume")
-            raise typer.Exit(130)
-
-    return wrapper
 
 
 def takes(spec: type) -> Callable:
@@ -104,15 +95,22 @@ def load_model(model: str, device: str = "cpu", dtype: str = "float32"):
     import actlab
 
     with console.status(f"loading {model}…"):
-        return actlab.load(model, device=device, dtype=dtype)
+        return actlab.load(model, device=device, dtype=dtype, allow_pickle=_SETTINGS["allow_pickle"])
 
 
 def documents(data: Optional[Path], model, max_tokens: Optional[int]):
-    """The documents of ``--data`` (default: the bundled prompts), cut to ``--max-tokens``."""
+    """The documents of ``--data`` (default: the bundled prompts), cut to ``--max-tokens``; token ids are
+    checked against the model's vocabulary here, before anything is written."""
     from actlab.datasets import default_prompts
+    from actlab.engine.batching import check_token_range
     from actlab.io import budget, read_documents
 
     docs = default_prompts() if data is None else read_documents(data)
+    if docs and not isinstance(docs[0], str):
+        try:
+            check_token_range(min(min(d) for d in docs if d), max(max(d) for d in docs if d), model.vocab_size)
+        except ActlabError as e:
+            raise ActlabError(f"{data}: {e}") from None
     if max_tokens is not None:
         docs = budget(docs, model.tokenizer, max_tokens)
     return docs
@@ -127,11 +125,31 @@ def prompt_list(path: Optional[Path]) -> list[str]:
 
 
 def floats(text: str, option: str, example: str) -> List[float]:
-    """``"1,2.5"`` → [1.0, 2.5], or a one-line error naming ``option``."""
+    """``"1,2.5"`` → [1.0, 2.5] (finite numbers, at least one), or a one-line error naming ``option``."""
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ActlabError(f"{option} expects numbers separated by commas, e.g. {example}; not {text!r}") from None
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ActlabError(f"{option} expects finite numbers separated by commas, e.g. {example}; not {text!r}")
+    return values
+
+
+def at_least(value, minimum, option: str) -> None:
+    """``--option`` (when given) is a number >= ``minimum``, else a one-line error naming it."""
+    if value is not None and not (math.isfinite(value) and value >= minimum):
+        raise ActlabError(f"{option} must be at least {minimum}, not {value}")
+
+
+def positive(value: Optional[float], option: str) -> None:
+    """``--option`` (when given) is a finite number > 0."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ActlabError(f"{option} must be a positive number, not {value}")
+
+
+def one_of(value: str, allowed: typing.Sequence[str], option: str) -> None:
+    if value not in allowed:
+        raise ActlabError(f"{option} must be one of {', '.join(allowed)}; not {value!r}")
 
 
 def names(text: str) -> List[str]:
@@ -146,4 +164,4 @@ def main() -> None:  # pragma: no cover
 # the command modules register themselves on the apps above (in this order, which is the order of --help)
 from actlab.cli import demo, model, data, profile, steer, paste  # noqa: E402,F401
 
-__all__ = ["app", "main", "friendly", "console", "err_console"]
+__all__ = ["app", "main", "friendly", "console", "err_console", "at_least", "positive", "one_of"]

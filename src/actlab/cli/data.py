@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from actlab.cli import (
-    SITES_HELP, BatchOpt, DataOpt, DeviceOpt, DtypeOpt, MaxTokensOpt, ModelArg, app, console, documents,
+    SITES_HELP, BatchOpt, DataOpt, DeviceOpt, DtypeOpt, MaxTokensOpt, ModelArg, app, at_least, console, documents,
     err_console, friendly, load_model, store_app,
 )
 from actlab.errors import ActlabError
@@ -42,14 +43,19 @@ def record(
     dtype: str = DtypeOpt,
 ):
     """Record activations into a sharded, checksummed, resumable on-disk store."""
+    from actlab.io import check_output_dir
     from actlab.store import record as record_store
 
+    where = _positions(positions)
+    for value, option in ((batch_size, "--batch-size"), (shard_tokens, "--shard-tokens"), (max_tokens, "--max-tokens")):
+        at_least(value, 1, option)
+    check_output_dir(out, what="activation store")  # what the folder holds is checked by the store itself
     m = load_model(model, device, dtype)
     docs = documents(data, m, max_tokens)
-    store = record_store(m, docs, sites, out, positions=_positions(positions), batch_size=batch_size,
+    store = record_store(m, docs, sites, out, positions=where, batch_size=batch_size,
                          shard_tokens=shard_tokens, dtype=store_dtype, overwrite=overwrite, progress=True)
     info = store.info()
-    console.print(f"[green]stored[/] {info['n_tokens']:,} tokens × {len(info['sites'])} sites in {out}")
+    console.print(f"[green]stored[/] {info['n_tokens']:,} tokens × {len(info['sites'])} sites in {escape(str(out))}")
 
 
 @app.command()
@@ -66,8 +72,13 @@ def stats(
     dtype: str = DtypeOpt,
 ):
     """Streaming per-channel statistics (mean, variance, extrema, sparsity, histogram, top-k) of sites."""
+    from actlab.io import check_output_file
     from actlab.stats import StatsSink
 
+    at_least(batch_size, 1, "--batch-size")
+    at_least(max_tokens, 1, "--max-tokens")
+    at_least(eps, 0, "--eps")
+    check_output_file(out)
     m = load_model(model, device, dtype)
     docs = documents(data, m, max_tokens)
     names = m.resolve(sites)
@@ -83,7 +94,7 @@ def stats(
     for site, values in rows.items():
         table.add_row(site, *[f"{v:.4g}" if isinstance(v, float) else str(v) for v in values.values()])
     console.print(table)
-    console.print(f"[green]wrote[/] {out}")
+    console.print(f"[green]wrote[/] {escape(str(out))}")
 
 
 @store_app.command("info")
@@ -95,19 +106,37 @@ def store_info(path: Path = typer.Argument(..., help="Store directory.")):
     info = Store(path).info()
     table = Table(show_header=False)
     for key, value in info.items():
-        table.add_row(str(key), str(value))
+        table.add_row(escape(str(key)), escape(str(value)))
     console.print(table)
 
 
 @store_app.command("verify")
 @friendly
-def store_verify(path: Path = typer.Argument(..., help="Store directory.")):
+def store_verify(
+    path: Path = typer.Argument(..., help="Store directory."),
+    repair: bool = typer.Option(False, "--repair", help="Remove the damaged shards (file and manifest entry), so "
+                                "that rerunning the same `actlab record` command re-records just those."),
+):
     """Check every shard against the manifest's checksums; exit 1 if anything is wrong."""
-    from actlab.store import Store
+    from actlab.store import Store, repair_store
+    from actlab.store.verify import INCOMPLETE
 
+    if repair:
+        removed = repair_store(path)
+        for line in removed:
+            console.print(f"[yellow]repaired:[/] {escape(line)}")
+        if removed:
+            console.print(f"damaged shards removed: rerun the same `actlab record ... --out {escape(str(path))}` "
+                          "command to re-record just those")
+        else:
+            console.print(f"[green]✓[/] {escape(str(path))}: nothing to repair")
+        return
     problems = Store(path).verify()
     if problems:
         for problem in problems:
-            err_console.print(f"[red]✗[/] {problem}")
+            err_console.print(f"[red]✗[/] {escape(problem)}")
+        if any(not p.startswith(INCOMPLETE) for p in problems):
+            err_console.print(f"to fix it: `actlab store verify --repair {escape(str(path))}` removes the damaged shards, "
+                              "then rerun the same `actlab record` command to re-record just those")
         raise typer.Exit(1)
-    console.print(f"[green]✓[/] {path}: every shard matches its checksum")
+    console.print(f"[green]✓[/] {escape(str(path))}: every shard matches its checksum")

@@ -17,5 +17,8 @@ def demo(
 ):
     """The guided tour on the bundled models: profile, steer, paste (Command-V), one HTML report."""
     from actlab.experiments.tour import run_tour
+    from actlab.io import check_output_dir
 
+    # a finished tour leaves report.html; an interrupted one, its first profile folders
+    check_output_dir(out, ("report.html", "tour.json", "profile-demo-llama", "profile-demo-gpt2"), what="demo reports")
     run_tour(out, quick=quick, console=console)

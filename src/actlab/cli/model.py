@@ -8,7 +8,7 @@ from typing import List
 import typer
 from rich.table import Table
 
-from actlab.cli import DeviceOpt, DtypeOpt, ModelArg, app, console, friendly, load_model
+from actlab.cli import DeviceOpt, DtypeOpt, ModelArg, app, at_least, console, friendly, load_model, positive
 
 
 @app.command()
@@ -38,18 +38,34 @@ def generate(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ):
-    """Generate text, optionally with interventions applied, streaming tokens to the terminal."""
-    from transformers import TextStreamer
+    """Generate text, optionally with interventions applied, streaming tokens to the terminal.
 
+    A prompt too long to leave room for --max-new-tokens keeps its end (a warning gives the numbers)."""
+    at_least(max_new_tokens, 1, "--max-new-tokens")
+    at_least(seed, 0, "--seed")
+    if sample:
+        positive(temperature, "--temperature (with --sample)")
     m = load_model(model, device, dtype)
     edits = []
     if edit:
         from actlab.interventions import load_with_coef
 
         edits = [load_with_coef(spec, m) for spec in edit]
-    streamer = TextStreamer(m.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    console.print(f"[bold]{prompt}[/]", end="")
-    sys.stdout.flush()
     with m.edit(*edits):
         m.generate(prompt, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, seed=seed,
-                   streamer=streamer)
+                   streamer=_streamer(m.tokenizer, prompt))
+
+
+def _streamer(tokenizer, prompt: str):
+    """Streams the continuation to the terminal, after the prompt (printed as given, once generation starts:
+    a refused request prints only its error)."""
+    from transformers import TextStreamer
+
+    class PromptFirst(TextStreamer):
+        def put(self, value) -> None:
+            if self.next_tokens_are_prompt:
+                console.print(prompt, style="bold", end="", markup=False, highlight=False)
+                sys.stdout.flush()
+            super().put(value)
+
+    return PromptFirst(tokenizer, skip_prompt=True, skip_special_tokens=True)

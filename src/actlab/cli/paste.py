@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from actlab.cli import (
-    DeviceOpt, DtypeOpt, MaxGainOpt, ModelArg, NewTokensOpt, console, friendly, load_model, paste_app, prompt_list,
-    takes,
+    DeviceOpt, DtypeOpt, MaxGainOpt, ModelArg, NewTokensOpt, at_least, console, floats, friendly, load_model, one_of,
+    paste_app, prompt_list, takes,
 )
 from actlab.errors import ActlabError
 
@@ -26,10 +27,10 @@ def parse_lambdas(text: str) -> Sequence[float] | None:
         return PASTE_LAMBDAS
     if text == "auto":
         return None
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ActlabError(f"--lambdas expects paste, auto or numbers separated by commas, not {text!r}") from None
+    values = floats(text, "--lambdas (paste, auto or numbers)", "0.1,1,10")
+    if min(values) < 0:
+        raise ActlabError(f"--lambdas are ridge penalties: numbers >= 0, not {text!r}")
+    return values
 
 
 @paste_app.command("profile")
@@ -44,12 +45,17 @@ def paste_profile(
     dtype: str = DtypeOpt,
 ):
     """Record resid.{i} of every layer on a prompt set: the activation profile Command-V fits converters on."""
+    from actlab.io import check_output_file
     from actlab.transfer import profile_model
 
+    one_of(positions, ("last", "all"), "--positions")
+    at_least(batch_size, 1, "--batch-size")
+    check_output_file(out)
+    texts = prompt_list(prompts)
     m = load_model(model, device, dtype)
-    profile = profile_model(m, prompt_list(prompts), positions=positions, batch_size=batch_size, progress=True)
+    profile = profile_model(m, texts, positions=positions, batch_size=batch_size, progress=True)
     profile.save(out)
-    console.print(f"[green]wrote[/] {out}: {profile.n_layers} layers × {profile.acts[0].shape[0]} rows × {profile.d_model}")
+    console.print(f"[green]wrote[/] {escape(str(out))}: {profile.n_layers} layers × {profile.acts[0].shape[0]} rows × {profile.d_model}")
 
 
 def _print_paste(result, intervention: Path, donor: str, recipient: str, n_prompts: int, max_gain: float) -> None:
@@ -90,6 +96,19 @@ class PasteRunOptions:
     dtype: str = DtypeOpt
 
 
+def _check_paste_run(o: PasteRunOptions) -> None:
+    """The options of ``paste run`` and its output paths, before any model is loaded."""
+    from actlab.io import check_output_dir, check_output_file
+
+    one_of(o.positions, ("last", "all"), "--positions")
+    at_least(o.max_gain, 1, "--max-gain")
+    at_least(o.min_lambda, 0, "--min-lambda")
+    check_output_file(o.out)
+    if o.converters_out is not None:
+        check_output_file(o.converters_out, "--converters-out")
+    check_output_dir(o.cache_dir, option="--cache-dir", what="profile cache")
+
+
 @paste_app.command("run")
 @friendly
 @takes(PasteRunOptions)
@@ -98,9 +117,10 @@ def paste_run(o: PasteRunOptions):
     from actlab.interventions import load_interventions
     from actlab.transfer import parse_layer_map, paste_between
 
+    _check_paste_run(o)
+    texts = prompt_list(o.prompts)
     d_model, r_model = load_model(o.donor, o.device, o.dtype), load_model(o.recipient, o.device, o.dtype)
     donor_edit = load_interventions(o.intervention, d_model)
-    texts = prompt_list(o.prompts)
     mapping = parse_layer_map(o.layer_map, d_model.n_layers, r_model.n_layers) if o.layer_map else None
     floor = {} if o.min_lambda is None else {"min_lambda": o.min_lambda}
     result = paste_between(d_model, r_model, donor_edit, texts, positions=o.positions, cache_dir=o.cache_dir,
@@ -109,7 +129,8 @@ def paste_run(o: PasteRunOptions):
         result.converters.save(o.converters_out)
     result.pasted.save(o.out)
     _print_paste(result, o.intervention, o.donor, o.recipient, len(texts), o.max_gain)
-    console.print(f"[green]wrote[/] {o.out}: apply it with `actlab generate {o.recipient} PROMPT --edit {o.out}:1.0`")
+    console.print(f"[green]wrote[/] {escape(str(o.out))}: apply it with "
+                  f"`actlab generate {escape(o.recipient)} PROMPT --edit {escape(str(o.out))}:1.0`")
 
 
 class PasteEvalOptions:
@@ -141,19 +162,28 @@ class PasteEvalOptions:
 def paste_eval(o: PasteEvalOptions):
     """Validate Command-V: genre rate of the recipient with the pasted intervention vs its own directly fitted one
     vs a pasted random one vs none, with perplexity, converter R² and compute."""
-    import actlab
     from actlab.experiments.genre_data import tuning_prompts
     from actlab.experiments.transfer_eval import evaluate_transfer
     from actlab.experiments.transfer_results import write_result
+    from actlab.io import check_output_dir
 
-    result = evaluate_transfer(actlab.load(o.donor), actlab.load(o.recipient), kind=o.kind, target_genre=o.genre,
+    one_of(o.kind, ("vector", "adapter"), "--kind")
+    one_of(o.positions, ("all", "last"), "--positions")
+    for value, option in ((o.prompts, "--prompts"), (o.samples, "--samples"), (o.tokens, "--tokens")):
+        at_least(value, 1, option)
+    at_least(o.seed, 0, "--seed")
+    at_least(o.max_gain, 1, "--max-gain")
+    lambdas = parse_lambdas(o.lambdas)
+    if o.out is not None:
+        check_output_dir(o.out, option="--out", what="transfer evaluations")
+    result = evaluate_transfer(load_model(o.donor), load_model(o.recipient), kind=o.kind, target_genre=o.genre,
                                donor_site=o.site, coef=o.coef, positions=o.positions, n_eval_prompts=o.prompts,
                                samples_per_prompt=o.samples, max_new_tokens=o.tokens,
-                               converter_lambdas=parse_lambdas(o.lambdas), seed=o.seed, deattenuate=o.deattenuate,
+                               converter_lambdas=lambdas, seed=o.seed, deattenuate=o.deattenuate,
                                max_gain=o.max_gain, eval_prompts=tuning_prompts(o.genre, o.prompts) if o.tune else None,
                                progress=True)
     for line in result.summary_lines():
         console.print(line)
     if o.out is not None:
         paths = write_result(result, o.out, o.name)
-        console.print(f"[green]wrote[/] {', '.join(str(p) for p in paths)}")
+        console.print(f"[green]wrote[/] {escape(', '.join(str(p) for p in paths))}")

@@ -6,11 +6,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from actlab.cli import (
-    BatchOpt, DataOpt, DeviceOpt, DtypeOpt, MaxTokensOpt, ModelArg, app, console, documents, friendly, load_model,
-    names,
+    BatchOpt, DataOpt, DeviceOpt, DtypeOpt, MaxTokensOpt, ModelArg, app, at_least, console, documents, friendly,
+    load_model, names,
 )
+from actlab.errors import ActlabError
 
 ANALYSES = ("sparsity", "dead", "ppl_sparsity", "massive", "linearity", "lenses", "redundancy", "readout")
 
@@ -32,12 +34,19 @@ def profile(
     """Per-layer activation profile (sparsity, dead neurons, PPL-p%, massive activations, linearity, lenses,
     redundancy, neuron readout) written as report.html + profile.json."""
     from actlab.analyses.profile import run_profile
-    from actlab.io import read_documents
+    from actlab.io import check_output_dir, read_documents
 
+    chosen = names(analyses)
+    unknown = [a for a in chosen if a not in ANALYSES]
+    if unknown or not chosen:
+        raise ActlabError(f"--analyses: unknown {', '.join(map(repr, unknown)) or 'empty list'}; choose from {', '.join(ANALYSES)}")
+    for value, option in ((reservoir, "--reservoir"), (batch_size, "--batch-size"), (max_tokens, "--max-tokens")):
+        at_least(value, 1, option)
+    check_output_dir(out, ("profile.json", "report.html"), what="profiles")
     m = load_model(model, device, dtype)
     docs = documents(data, m, max_tokens) if (data is not None or max_tokens is not None) else None
     eval_texts = list(read_documents(eval_data)) if eval_data is not None else None
-    run = run_profile(m, docs, eval_texts=eval_texts, out_dir=out, analyses=names(analyses),
+    run = run_profile(m, docs, eval_texts=eval_texts, out_dir=out, analyses=chosen,
                       reservoir_size=reservoir, batch_size=batch_size, progress=True)
     console.print(run.headline_table(f"profile of {m.name} ({run.meta['n_tokens']:,} tokens, {run.seconds:.0f} s)"))
-    console.print(f"[green]report:[/] {run.report_path.resolve()}")
+    console.print(f"[green]report:[/] {escape(str(run.report_path.resolve()))}")

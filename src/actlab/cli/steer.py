@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from actlab.cli import (
-    DeviceOpt, DtypeOpt, ModelArg, NewTokensOpt, adapter_app, console, floats, friendly, load_model, names, steer_app,
+    DeviceOpt, DtypeOpt, ModelArg, NewTokensOpt, adapter_app, at_least, console, floats, friendly, load_model, names,
+    one_of, positive, steer_app,
 )
+from actlab.errors import ActlabError
 
 
 def _sweep_table(m, contrast, sites, out: Path, method: str, **fit_kwargs) -> None:
@@ -27,9 +29,9 @@ def _sweep_table(m, contrast, sites, out: Path, method: str, **fit_kwargs) -> No
         path = out if rank == 0 else out.with_name(f"{out.stem}.{row['site']}{out.suffix}")
         row["vector"].save(path)
         table.add_row(row["site"] + (" [bold green](best)[/]" if rank == 0 else ""), f"{row['gain']:+.4f}",
-                      f"{row['norm']:.3f}", str(path))
+                      f"{row['norm']:.3f}", escape(str(path)))
     console.print(table)
-    console.print(f"best layer {rows[0]['site']} written to {out}; `actlab steer eval` draws genre dose-response curves")
+    console.print(f"best layer {rows[0]['site']} written to {escape(str(out))}; `actlab steer eval` draws genre dose-response curves")
 
 
 @steer_app.command("fit")
@@ -49,8 +51,14 @@ def steer_fit(
 ):
     """Fit a steering intervention from contrast sets and save it (safetensors + JSON header)."""
     from actlab.interventions.contrast import read_contrast
-    from actlab.interventions.fit import fit_steering
+    from actlab.interventions.fit import METHODS, fit_steering
+    from actlab.io import check_output_file
 
+    one_of(method, METHODS, "--method")
+    one_of(aggregate, ("mean", "last"), "--aggregate")
+    one_of(positions, ("all", "prompt", "generated"), "--positions")
+    at_least(dims, 1, "--dims")
+    check_output_file(out)
     m = load_model(model, device, dtype)
     contrast = read_contrast(pos, neg)
     if method == "affine":
@@ -58,14 +66,14 @@ def steer_fit(
 
         result = fit_affine(m, contrast, site, positions=positions, progress=True)
         result.save(out)
-        console.print(f"[green]wrote[/] {out}: affine maps at {', '.join(i.site for i in result)}")
+        console.print(f"[green]wrote[/] {escape(str(out))}: affine maps at {', '.join(i.site for i in result)}")
         return
     sites = m.resolve(site)
     if len(sites) > 1:
         return _sweep_table(m, contrast, sites, out, method, aggregate=aggregate, dims=dims, positions=positions)
     vec = fit_steering(m, contrast, sites, method=method, aggregate=aggregate, dims=dims, positions=positions)[sites[0]]
     vec.save(out)
-    console.print(f"[green]wrote[/] {out}: {method} vector at {sites[0]}, norm {vec.vector.norm():.3f} "
+    console.print(f"[green]wrote[/] {escape(str(out))}: {method} vector at {sites[0]}, norm {vec.vector.norm():.3f} "
                   f"(|mean diff| {vec.params['mean_diff_norm']:.3f}, mean |h| {vec.params['resid_norm']:.3f})")
 
 
@@ -87,8 +95,13 @@ def steer_eval(
     """Dose-response of genre steering: genre rate of generations and neutral perplexity vs coefficient, per
     method, with a random-vector control (uses the bundled genre sets and classifier)."""
     from actlab.experiments.genre_eval import evaluate_genre, write_evaluation
+    from actlab.io import check_output_dir
 
     grid = floats(coefs, "--coefs", "-1,0,1,2")
+    for value, option in ((prompts, "--prompts"), (tokens, "--tokens")):
+        at_least(value, 1, option)
+    at_least(seed, 0, "--seed")
+    check_output_dir(out, "evaluation.json", what="steering evaluations")
     m = load_model(model, device, dtype)
     result = evaluate_genre(m, genre, site=site, methods=names(methods), coefs=grid, n_prompts=prompts,
                             max_new_tokens=tokens, seed=seed, progress=True)
@@ -98,16 +111,19 @@ def steer_eval(
     console.print(f"dose-response at {result.site}: genre rate (neutral perplexity)")
     console.print(result.dose.table())
     paths = write_evaluation(result, out)
-    console.print(f"[green]wrote[/] {', '.join(str(p) for p in paths)} ({result.seconds:.0f} s)")
+    console.print(f"[green]wrote[/] {escape(', '.join(str(p) for p in paths))} ({result.seconds:.0f} s)")
 
 
 def _training_examples(data: Path) -> list:
-    """JSONL pairs with 'prompt' and 'completion' → (prompt, completion) tuples; anything else → texts."""
-    from actlab.io import read_documents
+    """JSONL pairs with 'prompt' and 'completion' → (prompt, completion) tuples; anything else → texts.
+    A bad line (not JSON, not UTF-8, a field missing or not a string) is an error naming it."""
+    from actlab.io import first_record_fields, read_documents, read_records
 
-    if data.suffix == ".jsonl" and "completion" in data.read_text(encoding="utf-8").split("\n", 1)[0]:
-        rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
-        return [(row.get("prompt", ""), row["completion"]) for row in rows]
+    if data.suffix == ".jsonl" and "completion" in first_record_fields(data):
+        rows = read_records(data, ("completion",), ("prompt",))
+        if not rows:
+            raise ActlabError(f"{data} holds no training pairs (only blank lines)")
+        return [(row["prompt"], row["completion"]) for row in rows]
     return list(read_documents(data))
 
 
@@ -126,10 +142,16 @@ def adapter_train(
 ):
     """Train a low-rank residual adapter (h ← h + Rᵀ(Wh + b − Rh)) by backprop on a small dataset."""
     from actlab.interventions.adapter_train import train_adapter
+    from actlab.io import check_output_file
 
+    at_least(rank, 1, "--rank")
+    at_least(steps, 1, "--steps")
+    positive(lr, "--lr")
+    check_output_file(out)
+    examples = _training_examples(data)
     m = load_model(model, device, dtype)
-    adapter = train_adapter(m, _training_examples(data), site, rank=rank, steps=steps, lr=lr, progress=True)
+    adapter = train_adapter(m, examples, site, rank=rank, steps=steps, lr=lr, progress=True)
     adapter.save(out)
     p = adapter.params
-    console.print(f"[green]wrote[/] {out}: rank {rank} at {site}; validation loss {p.get('val_loss_before', float('nan')):.3f} → "
+    console.print(f"[green]wrote[/] {escape(str(out))}: rank {rank} at {site}; validation loss {p.get('val_loss_before', float('nan')):.3f} → "
                   f"{p.get('val_loss', float('nan')):.3f} in {p.get('steps_run')} steps ({p.get('train_seconds', 0):.1f} s)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal, Sequence
@@ -67,6 +68,62 @@ def continuation_mask(rows: Sequence[Row], width: int) -> torch.Tensor:
     return sel
 
 
+# ------------------------------------------------------------------ checking documents and token ids
+def token_id(value, where: str) -> int:
+    """One token id: an integer (numpy and torch integers too), never a float or a bool."""
+    if isinstance(value, (bool, float)):
+        raise ActlabError(f"{where} holds {value!r}: token ids are integers")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ActlabError(f"{where} holds a {type(value).__name__}: token ids are integers") from None
+
+
+def check_token_range(low: int, high: int, vocab: int | None) -> None:
+    """Token ids must index the model's vocabulary (else the embedding fails with an IndexError)."""
+    if vocab is not None and (high >= vocab or low < 0):
+        bad = high if high >= vocab else low
+        raise ActlabError(f"token id {bad} is outside this model's vocabulary: token ids must lie in [0, {vocab}); "
+                          "were the ids made with another tokenizer?")
+
+
+def id_lists(items: Sequence, name: str, *, allow_empty: bool) -> list[list[int]]:
+    """Token-id lists checked one by one (tensors and arrays are taken as lists)."""
+    rows: list[list[int]] = []
+    for i, row in enumerate(items):
+        if hasattr(row, "tolist") and not isinstance(row, (list, tuple)):
+            row = row.tolist()
+        if not isinstance(row, (list, tuple)):
+            raise ActlabError(f"{name}[{i}] is {type(row).__name__}, not a token-id list: {name} must be all texts "
+                              "or all token-id lists")
+        if not row and not allow_empty:
+            raise ActlabError(f"{name}[{i}] is an empty token-id list: every row needs at least one token")
+        try:
+            rows.append([operator.index(x) for x in row])  # the fast path; floats and strings fail it
+        except TypeError:
+            rows.append([token_id(x, f"{name}[{i}]") for x in row])  # names the bad value
+    return rows
+
+
+def check_documents(docs) -> list:
+    """``docs`` as a list of texts or of token-id lists; a single string (a sequence of characters,
+    never meant as documents) or a mixed list is refused."""
+    if isinstance(docs, (str, bytes)):
+        shown = docs[:30]
+        raise ActlabError(f"docs must be a list of documents, not the single string {shown!r}: wrap one "
+                          f"document in a list: [{shown!r}]")
+    if docs is None or isinstance(docs, dict) or not hasattr(docs, "__iter__"):
+        raise ActlabError(f"docs must be a list of texts or of token-id lists, not {type(docs).__name__}")
+    items = list(docs)
+    if items and isinstance(items[0], str):
+        for i, doc in enumerate(items):
+            if not isinstance(doc, str):
+                raise ActlabError(f"docs[{i}] is {type(doc).__name__}, not a text: docs must be all texts or all "
+                                  "token-id lists")
+        return items
+    return id_lists(items, "docs", allow_empty=True)
+
+
 def tokenize_documents(
     tokenizer,
     docs: Sequence[str] | Sequence[Sequence[int]],
@@ -81,12 +138,15 @@ def tokenize_documents(
     positions keep counting inside the document) or cut at max_length with a warning ("truncate").
     Empty documents are skipped; their document ids stay reserved so ids match the input order.
     """
+    docs = check_documents(docs)
     if len(docs) == 0:
         raise ActlabError("no documents to run: the input is empty (give at least one non-empty text)")
     if isinstance(docs[0], str):
+        if tokenizer is None:
+            raise ActlabError("this model has no tokenizer: pass token-id lists, or load it with tokenizer=...")
         encoded = tokenizer(list(docs), add_special_tokens=True)["input_ids"]
     else:
-        encoded = [list(map(int, d)) for d in docs]
+        encoded = docs
     rows: list[Row] = []
     truncated = 0
     for k, ids in enumerate(encoded):

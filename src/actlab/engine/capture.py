@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+import threading
+from typing import Iterable, Iterator
 
 import torch
 
@@ -11,8 +12,22 @@ from actlab.engine.hooks import ForwardState
 from actlab.errors import ActlabError
 
 
+NOT_YET = ("nothing captured yet: run the model inside the `with model.capture(...)` block, in the thread "
+           "that opened it (each thread captures only its own forward passes)")
+
+
+class OpenCaptures(threading.local):
+    """The captures open in each thread; ``Model`` stamps a call's input ids on the calling thread's only."""
+
+    def __init__(self) -> None:
+        self.here: list[Capture] = []
+
+    def __iter__(self) -> Iterator["Capture"]:
+        return iter(list(self.here))
+
+
 class Capture:
-    """Activations of some sites for every forward pass run inside the ``with`` block.
+    """Activations of some sites for every forward pass the entering thread runs inside the ``with`` block.
 
     ``cap[site]`` is ``[batch, seq, width]`` aligned with the input (padding included; use
     ``cap.mask`` or ``cap.flat(site)`` to drop it). Several forward passes are joined along the
@@ -26,6 +41,7 @@ class Capture:
         self._masks: list[torch.Tensor] = []
         self._offsets: list[int] = []
         self._handles = []
+        self._open: list[Capture] = []  # the entering thread's list of open captures
         self.input_ids: torch.Tensor | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -39,15 +55,16 @@ class Capture:
                 self._offsets.append(state.offset)
 
         self._handles = [self.model.hooks.add_reader(s, reader) for s in self.sites]
-        self.model._captures.append(self)
+        self._open = self.model._captures.here
+        self._open.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if self in self.model._captures:
-            self.model._captures.remove(self)
+        if self in self._open:
+            self._open.remove(self)
 
     # -------------------------------------------------------------- access
     def __contains__(self, site: str) -> bool:
@@ -71,7 +88,7 @@ class Capture:
             raise ActlabError(f"site '{site}' was not captured; this capture holds: {', '.join(self.sites)}"
                               if missing else f"use one site name, e.g. {resolved[0]}")
         if not self._calls[site]:
-            raise ActlabError("nothing captured yet: run the model inside the `with model.capture(...)` block")
+            raise ActlabError(NOT_YET)
 
     def _join_axis(self) -> int:
         if len(self._offsets) <= 1:
@@ -96,7 +113,7 @@ class Capture:
     def mask(self) -> torch.Tensor:
         """[batch, seq] attention mask (1 = real token) of the captured passes, joined like the tensors."""
         if not self._masks:
-            raise ActlabError("nothing captured yet: run the model inside the `with model.capture(...)` block")
+            raise ActlabError(NOT_YET)
         if len(self._masks) == 1:
             return self._masks[0].long()
         return torch.cat(self._masks, dim=self._join_axis()).long()

@@ -8,6 +8,7 @@ the same ``Edit`` protocol: a callable ``(h, state) -> new h`` with a ``site`` a
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -119,14 +120,15 @@ def default_input_site(site: str) -> str:
 
 
 class _StoreInput:
-    """Edit that leaves its site unchanged and remembers the activation for the paired replacement."""
+    """Edit that leaves its site unchanged and remembers the activation for the paired replacement.
+    The slot is keyed by thread: one ``Replace`` can serve forward passes in several threads at once."""
 
     def __init__(self, site: str, slot: dict):
         self.site = site
         self.slot = slot
 
     def __call__(self, h: torch.Tensor, state: ForwardState) -> torch.Tensor:
-        self.slot["x"] = h
+        self.slot[threading.get_ident()] = h
         return h
 
 
@@ -140,7 +142,7 @@ class _ReplaceOutput:
         self.fn = fn
 
     def __call__(self, h: torch.Tensor, state: ForwardState) -> torch.Tensor:
-        x = self.slot.pop("x", None)
+        x = self.slot.pop(threading.get_ident(), None)
         if x is None or x.shape[:-1] != h.shape[:-1]:
             raise ActlabError(f"replacing '{self.site}': its input '{self.input_site}' was not seen in this "
                               "forward pass (the input site must run before the replaced site)")
@@ -164,7 +166,7 @@ class Replace:
     site: str
     fn: Callable[[torch.Tensor], torch.Tensor]
     input_site: str | None = None
-    _slot: dict = field(default_factory=dict, init=False, repr=False)
+    _slot: dict = field(default_factory=dict, init=False, repr=False)  # thread id -> input
 
     def __post_init__(self) -> None:
         if not callable(self.fn):

@@ -3,11 +3,18 @@
 Readers and edits are registered by site name and removed through handles, so captures, stores,
 statistics and interventions all share one mechanism and can be stacked in any combination.
 Edits run before readers: what is read is what the model actually propagates.
+
+Registrations belong to the thread that made them: the torch hooks are shared (installed once per
+module, for every thread), but each call runs only the calling thread's edits and readers, with
+that thread's ``ForwardState``. Several threads can capture, edit and generate on one model at once,
+each seeing only its own forward passes (see "Concurrency" in docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
@@ -100,81 +107,120 @@ def _replace_first(value, new):
     return (new,) + tuple(value[1:]) if isinstance(value, tuple) else new
 
 
+class _ThreadHooks:
+    """What one thread registered (edits and readers by site), the sites it needs at each hook point,
+    and its forward state. A site's table and ``at`` are replaced, never changed in place, so a hook
+    reads them unlocked while another thread removes one of this thread's handles."""
+
+    __slots__ = ("edits", "readers", "at", "state", "inside", "__weakref__")
+
+    def __init__(self) -> None:
+        self.edits: dict[str, dict[int, Edit]] = {}
+        self.readers: dict[str, dict[int, Reader]] = {}
+        self.at: dict[tuple[str, str], tuple[str, ...]] = {}  # (module path, mode) -> this thread's sites
+        self.state = ForwardState()
+        self.inside = False  # True while edits and readers run: modules they call run unhooked
+
+
 class HookManager:
-    """Owns every torch hook actlab puts on one model."""
+    """Owns every torch hook actlab puts on one model; keeps each thread's registrations apart."""
 
     def __init__(self, hf_model: nn.Module, sitemap: SiteLookup):
         self.hf_model = hf_model
         self.sitemap = sitemap
-        self.state = ForwardState()
+        self._local = threading.local()  # .hooks: the calling thread's _ThreadHooks
+        self._threads: weakref.WeakSet[_ThreadHooks] = weakref.WeakSet()  # every live thread's
+        self._lock = threading.RLock()  # registration and hook installation (never taken by a hook)
         self._ids = itertools.count()
-        self._edits: dict[str, dict[int, Edit]] = {}
-        self._readers: dict[str, dict[int, Reader]] = {}
         self._torch_handles: dict[tuple[str, str], object] = {}
-        self._hooked_sites: dict[tuple[str, str], list[str]] = {}  # which sites each installed hook serves
         self._state_handle = None
-        self._inside = False  # True while edits and readers run: modules they call run unhooked
+
+    def _mine(self) -> _ThreadHooks:
+        mine = getattr(self._local, "hooks", None)
+        if mine is None:
+            mine = self._local.hooks = _ThreadHooks()
+            with self._lock:
+                self._threads.add(mine)
+        return mine
+
+    @property
+    def state(self) -> ForwardState:
+        """The calling thread's forward state."""
+        return self._mine().state
 
     # ------------------------------------------------------------ registration
     def add_reader(self, site: str, reader: Reader) -> Handle:
-        return self._add(self._readers, site, reader)
+        """Call ``reader(site, h, state)`` on the calling thread's forward passes until the handle is removed."""
+        return self._add("readers", site, reader)
 
     def add_edit(self, edit: Edit) -> Handle:
-        return self._add(self._edits, edit.site, edit)
+        """Apply ``edit`` to the calling thread's forward passes until the handle is removed."""
+        return self._add("edits", edit.site, edit)
 
-    def _add(self, table: dict, site: str, item) -> Handle:
+    def _add(self, kind: str, site: str, item) -> Handle:
         self.sitemap[site]  # validates the name
-        key = next(self._ids)
-        table.setdefault(site, {})[key] = item
-        self._sync()
+        mine = self._mine()
+        with self._lock:
+            key = next(self._ids)
+            table = getattr(mine, kind)
+            table[site] = {**table.get(site, {}), key: item}
+            self._refresh(mine)
 
-        def remove() -> None:
-            table.get(site, {}).pop(key, None)
-            if site in table and not table[site]:
-                del table[site]
-            self._sync()
+        def remove() -> None:  # from any thread: it edits the registering thread's tables
+            with self._lock:
+                rest = {k: v for k, v in table.get(site, {}).items() if k != key}
+                if rest:
+                    table[site] = rest
+                else:
+                    table.pop(site, None)
+                self._refresh(mine)
 
         return Handle(remove)
 
     @contextmanager
     def prompt_length(self, n: int | None) -> Iterator[None]:
-        """Tell the edits where the prompt ends (columns >= ``n`` are generated) for the forwards inside;
-        the previous value comes back afterwards. ``None``: every token counts as prompt."""
-        saved = self.state.prompt_length
-        self.state.prompt_length = None if n is None else int(n)
+        """Tell the calling thread's edits where the prompt ends (columns >= ``n`` are generated) for the
+        forwards inside; the previous value comes back afterwards. ``None``: every token counts as prompt."""
+        state = self.state
+        saved = state.prompt_length
+        state.prompt_length = None if n is None else int(n)
         try:
             yield
         finally:
-            self.state.prompt_length = saved
+            state.prompt_length = saved
 
     @property
     def active(self) -> bool:
-        return bool(self._edits or self._readers)
+        """Whether any thread has an edit or a reader registered."""
+        with self._lock:
+            return any(t.edits or t.readers for t in list(self._threads))
 
-    def _sync(self) -> None:
-        """Install torch hooks for sites that need one, drop the ones no longer used."""
-        needed: dict[tuple[str, str], list[str]] = {}
-        for site in list(self._edits) + list(self._readers):
+    def _refresh(self, mine: _ThreadHooks) -> None:
+        """Recompute which sites ``mine`` needs at each hook point, then the torch hooks (lock held)."""
+        at: dict[tuple[str, str], list[str]] = {}
+        for site in list(mine.edits) + list(mine.readers):
             point = self.sitemap[site]
-            sites = needed.setdefault((point.module_path, point.mode), [])
+            sites = at.setdefault((point.module_path, point.mode), [])
             if site not in sites:
                 sites.append(site)
-        for key in list(self._torch_handles):
-            if key not in needed:
-                self._torch_handles.pop(key).remove()
-                self._hooked_sites.pop(key, None)
-        for key, sites in needed.items():
-            if self._hooked_sites.get(key) == sites:
-                continue  # already installed for exactly these sites
-            if key in self._torch_handles:
-                self._torch_handles[key].remove()
+        mine.at = {key: tuple(sites) for key, sites in at.items()}
+        self._sync()
+
+    def _sync(self) -> None:
+        """Install a torch hook on every module some thread needs, drop those no thread needs (lock held).
+        A hook stays in place while it is needed, so no thread's forward ever misses one."""
+        needed = set()
+        for thread in list(self._threads):
+            needed.update(thread.at)
+        for key in [k for k in self._torch_handles if k not in needed]:
+            self._torch_handles.pop(key).remove()
+        for key in needed - set(self._torch_handles):
             module = self.hf_model.get_submodule(key[0])
             if key[1] == "output":
-                hook = module.register_forward_hook(self._make_output_hook(sites))
+                hook = module.register_forward_hook(self._make_output_hook(key))
             else:
-                hook = module.register_forward_pre_hook(self._make_input_hook(sites), with_kwargs=True)
+                hook = module.register_forward_pre_hook(self._make_input_hook(key), with_kwargs=True)
             self._torch_handles[key] = hook
-            self._hooked_sites[key] = sites
         if needed and self._state_handle is None:
             self._state_handle = self.hf_model.register_forward_pre_hook(self._update_state, with_kwargs=True)
         elif not needed and self._state_handle is not None:
@@ -182,7 +228,14 @@ class HookManager:
             self._state_handle = None
 
     # ------------------------------------------------------------------ hooks
-    def _update_state(self, module, args, kwargs) -> None:
+    # Hooks take ``kwargs=None``: torch marks a pre-hook "with kwargs" just after adding it, so a
+    # thread running while another installs one may call it once without; that thread has nothing
+    # registered there (or the hook would be installed already) and the hook returns None.
+    def _update_state(self, module, args, kwargs=None) -> None:
+        mine = getattr(self._local, "hooks", None)
+        if mine is None or not mine.at:
+            return
+        kwargs = kwargs or {}
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs.get("inputs_embeds")
@@ -190,56 +243,86 @@ class HookManager:
         offset = 0
         if cache is not None and hasattr(cache, "get_seq_length"):
             offset = int(cache.get_seq_length())
-        self.state.batch_size = int(ids.shape[0])
-        self.state.length = int(ids.shape[1])
-        self.state.offset = offset
-        self.state.attention_mask = kwargs.get("attention_mask")
+        state = mine.state
+        state.batch_size = int(ids.shape[0])
+        state.length = int(ids.shape[1])
+        state.offset = offset
+        state.attention_mask = kwargs.get("attention_mask")
 
-    def _apply(self, sites: list[str], h: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """Run the edits then the readers of ``sites``. A module an edit calls (``Replace`` by the MLP
-        itself) runs unhooked, so it computes its own function instead of recursing into this hook."""
-        self._inside = True
+    def _apply(self, mine: _ThreadHooks, sites: tuple[str, ...], h: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Run the calling thread's edits then readers of ``sites``. A module an edit calls (``Replace`` by
+        the MLP itself) runs unhooked, so it computes its own function instead of recursing into this hook."""
+        mine.inside = True
         try:
-            return self._apply_inside(sites, h)
+            return self._apply_inside(mine, sites, h)
         finally:
-            self._inside = False
+            mine.inside = False
 
-    def _apply_inside(self, sites: list[str], h: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    @staticmethod
+    def _apply_inside(mine: _ThreadHooks, sites: tuple[str, ...], h: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        state = mine.state
         flat_shape = None
-        if h.ndim == 2 and h.shape[0] == self.state.batch_size * self.state.length:
+        if h.ndim == 2 and h.shape[0] == state.batch_size * state.length:
             flat_shape = h.shape  # some models (OPT) run their MLP on [batch*seq, width]
-            h = h.view(self.state.batch_size, self.state.length, -1)
+            h = h.view(state.batch_size, state.length, -1)
         changed = False
+        edits, readers = mine.edits, mine.readers
         for site in sites:
-            for edit in list(self._edits.get(site, {}).values()):
-                h = edit(h, self.state)
+            for edit in edits.get(site, {}).values():
+                h = edit(h, state)
                 changed = True
-            for reader in list(self._readers.get(site, {}).values()):
-                reader(site, h, self.state)
+            for reader in readers.get(site, {}).values():
+                reader(site, h, state)
         if flat_shape is not None:
             h = h.reshape(flat_shape)
         return h, changed
 
-    def _make_output_hook(self, sites: list[str]):
+    # The hot path: one thread-local read and one dict lookup decide whether this thread has work here.
+    def _make_output_hook(self, key: tuple[str, str]):
+        local = self._local
+
         def hook(module, args, output):
-            if self._inside:
+            mine = getattr(local, "hooks", None)
+            sites = None if mine is None or mine.inside else mine.at.get(key)
+            if not sites:
                 return None
-            h, changed = self._apply(sites, _first_tensor(output))
+            h, changed = self._apply(mine, sites, _first_tensor(output))
             return _replace_first(output, h) if changed else None
 
         return hook
 
-    def _make_input_hook(self, sites: list[str]):
-        def hook(module, args, kwargs):
-            if self._inside:
+    def _make_input_hook(self, key: tuple[str, str]):
+        local = self._local
+
+        def hook(module, args, kwargs=None):
+            mine = getattr(local, "hooks", None)
+            sites = None if mine is None or mine.inside or kwargs is None else mine.at.get(key)
+            if not sites:
                 return None
             if args:
-                h, changed = self._apply(sites, args[0])
+                h, changed = self._apply(mine, sites, args[0])
                 return ((h,) + tuple(args[1:]), kwargs) if changed else None
-            h, changed = self._apply(sites, kwargs["hidden_states"])
+            h, changed = self._apply(mine, sites, kwargs["hidden_states"])
             if changed:
                 kwargs = dict(kwargs, hidden_states=h)
                 return args, kwargs
             return None
 
         return hook
+
+
+_RANDOM = threading.RLock()
+
+
+@contextmanager
+def process_random(needed: bool = True) -> Iterator[None]:
+    """Hold torch's random generator, which is process-wide, for the block (when ``needed``).
+
+    A seeded sampling generation holds it from ``manual_seed`` to its last token, so another thread's
+    draws cannot fall in between; sampling in other threads waits its turn instead of mixing.
+    """
+    if not needed:
+        yield
+        return
+    with _RANDOM:
+        yield

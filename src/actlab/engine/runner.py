@@ -19,6 +19,7 @@ from actlab.engine.batching import (
     Row,
     Selector,
     batches,
+    check_token_range,
     pad,
     selection_mask,
     tokenize_documents,
@@ -69,15 +70,79 @@ class RunOptions(Config):
 
     def validate(self) -> None:
         positive_int(self.batch_size, "batch_size")
-        if self.select is not None and not callable(self.select):
-            raise ActlabError(f"select must be a callable (rows, width) -> bool mask, not {type(self.select).__name__}")
+        if self.max_length is not None:
+            positive_int(self.max_length, "max_length")
+        if isinstance(self.doc_offset, bool) or not isinstance(self.doc_offset, int) or self.doc_offset < 0:
+            raise ActlabError(f"doc_offset must be a non-negative integer, not {self.doc_offset!r}")
+        if self.long_docs not in ("chunk", "truncate"):
+            raise ActlabError(f"long_docs must be 'chunk' or 'truncate', not {self.long_docs!r}")
+        check_positions(self.positions)
+        for name in ("select", "on_batch"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise ActlabError(f"{name} must be a callable or None, not {type(value).__name__}")
+        if self.device is not None:
+            check_device(self.device)
+
+
+def check_positions(positions) -> None:
+    """``positions`` is "all", "last" or a (start, stop) span of integers or None."""
+    if positions in ("all", "last") and isinstance(positions, str):
+        return
+    if isinstance(positions, tuple) and len(positions) == 2 and all(
+            p is None or (isinstance(p, int) and not isinstance(p, bool)) for p in positions):
+        return
+    raise ActlabError(f"positions must be 'all', 'last' or a (start, stop) span of integers, not {positions!r}")
+
+
+def check_device(device) -> torch.device:
+    """A device torch understands and this machine has (cpu, cuda[:N], mps, xpu), else an ActlabError."""
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device)):
+        raise ActlabError(f"device must be a string such as 'cpu' or 'cuda:0', or a torch.device, not {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ActlabError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type not in ("cuda", "mps", "xpu"):
+        raise ActlabError(f"device type {dev.type!r} is not supported; use cpu, cuda, cuda:N or mps")
+    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None), "xpu": getattr(torch, "xpu", None)}[dev.type]
+    if backend is None or not backend.is_available():
+        why = " (this torch is built without CUDA)" if dev.type == "cuda" and torch.version.cuda is None else ""
+        raise ActlabError(f"device {str(device)!r} is not available on this machine{why}; use cpu")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if dev.index is not None and dev.index >= count:
+        raise ActlabError(f"device {str(device)!r} does not exist: this machine has {count} {dev.type} device(s), "
+                          f"{dev.type}:0 to {dev.type}:{count - 1}")
+    return dev
+
+
+def check_sinks(sinks) -> list:
+    """The sinks as a list; each must have a ``consume(batch)`` method."""
+    sink_list = [sinks] if hasattr(sinks, "consume") else sinks
+    if isinstance(sink_list, (str, bytes, dict)) or not hasattr(sink_list, "__iter__"):
+        raise ActlabError(f"sinks must be a sink (an object with consume(batch)) or a list of them, not "
+                          f"{type(sinks).__name__}")
+    sink_list = list(sink_list)
+    for i, sink in enumerate(sink_list):
+        if not callable(getattr(sink, "consume", None)):
+            raise ActlabError(f"sinks[{i}] ({type(sink).__name__}) has no consume(batch) method: a sink takes each "
+                              "TokenBatch through consume")
+    return sink_list
 
 
 def plan_rows(model, docs, *, max_length: int | None = None, long_docs: LongDocs = "chunk", doc_offset: int = 0) -> list[Row]:
-    """Rows the runner will execute: exposed so resumable writers can plan shard boundaries."""
-    return tokenize_documents(
+    """Rows the runner will execute: exposed so resumable writers can plan shard boundaries.
+
+    Token ids outside the model's vocabulary are refused here, before any work (or any store) is made."""
+    if max_length is not None:
+        positive_int(max_length, "max_length")
+    rows = tokenize_documents(
         model.tokenizer, docs, max_length=max_length or model.max_length, long_docs=long_docs, doc_offset=doc_offset
     )
+    check_token_range(min(min(r.ids) for r in rows), max(max(r.ids) for r in rows), model.vocab_size)
+    return rows
 
 
 class _Reader:
@@ -150,8 +215,12 @@ def run(
     pay for the rest of the model. Any edits active on the model apply.
     """
     opts = RunOptions.with_overrides(options, overrides)
-    sink_list = [sinks] if hasattr(sinks, "consume") else list(sinks)
+    sink_list = check_sinks(sinks)
     site_names = model.resolve(sites)
+    if rows is None and docs is None:
+        raise ActlabError("nothing to run: pass docs (texts or token-id lists) or rows= (from plan_rows)")
+    if rows is not None and not (isinstance(rows, list) and all(isinstance(r, Row) for r in rows) and rows):
+        raise ActlabError("rows must be a non-empty list of Rows, as plan_rows returns")
     if rows is None:
         rows = plan_rows(model, docs, max_length=opts.max_length, long_docs=opts.long_docs, doc_offset=opts.doc_offset)
     reader = _Reader(site_names, opts)

@@ -19,7 +19,7 @@ import torch
 from actlab.engine.edits import POSITION_MODES, check_finite, column_mask
 from actlab.engine.hooks import ForwardState
 from actlab.errors import ActlabError
-from actlab.files import load_tensors, save_tensors
+from actlab.files import NUMBER, HeaderFields, load_tensors, save_tensors
 
 FORMAT = "actlab.intervention"
 FORMAT_VERSION = 1
@@ -178,6 +178,9 @@ class Composition:
 
 def save_interventions(items: list[Intervention], path: str | Path) -> Path:
     """Write interventions to one safetensors file; tensors are keyed ``{index}/{name}``."""
+    items = list(items)
+    if not items:
+        raise ActlabError(f"nothing to save to {path}: the composition holds no intervention")
     tensors: dict[str, torch.Tensor] = {}
     headers = []
     for i, item in enumerate(items):
@@ -187,17 +190,66 @@ def save_interventions(items: list[Intervention], path: str | Path) -> Path:
     return save_tensors(path, tensors, FORMAT, {"format_version": str(FORMAT_VERSION), "interventions": json.dumps(headers)})
 
 
+_LOAD_ERRORS = (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError, OverflowError)
+
+
+def _check_version(fields: HeaderFields) -> None:
+    version = fields.text("format_version", default=str(FORMAT_VERSION))
+    if not (version.isascii() and version.isdigit() and len(version) < 4) or int(version) < 1:
+        raise fields.damaged(f"its format_version is {version[:20]!r}, not a version number")
+    if int(version) > FORMAT_VERSION:
+        raise ActlabError(f"'{fields.path}' has intervention format version {version}, newer than this actlab "
+                          f"understands ({FORMAT_VERSION}); upgrade actlab to read it")
+
+
+def _rebuild(fields: HeaderFields, i: int, header: Any, tensors: dict[str, torch.Tensor]) -> Intervention:
+    """Intervention ``i`` of a file from its JSON header and its tensors; checked field by field."""
+    where = f"interventions[{i}]"
+    header = fields.check(header, dict, where)
+    kind = fields.item(header, "kind", str, where)
+    cls = _REGISTRY.get(kind)
+    if cls is None:
+        raise ActlabError(f"'{fields.path}' holds an intervention of unknown kind {kind[:40]!r}; upgrade actlab")
+    args = {"site": fields.item(header, "site", str, where), "coef": fields.item(header, "coef", NUMBER, where),
+            "positions": fields.item(header, "positions", str, where),
+            "model": fields.item(header, "model", dict, where), "params": fields.item(header, "params", dict, where)}
+    own = {name: tensors[f"{i}/{name}"] for name in cls.tensor_names if f"{i}/{name}" in tensors}
+    for name, t in own.items():
+        if not t.is_floating_point() and (t.dtype == torch.bool or (t.numel() and int(t.min()) < 0)):
+            raise fields.damaged(f"{where} tensor '{name}' holds negative or boolean entries")
+    try:
+        item = cls(**args, **own)
+        if item.additive and item.width < 1:
+            raise ValueError("its tensors are empty")
+        ints = [int(t.max()) for t in own.values() if not t.is_floating_point() and t.numel()]
+        probe = torch.zeros(1, 1, item.width or 1 + max(ints, default=0))
+        if item.apply(probe).shape != probe.shape:  # tensors of shapes that disagree fail here, not in a forward pass
+            raise ValueError("its output has another shape than its input")
+    except ActlabError as e:
+        raise fields.damaged(f"{where} ({kind}): {e}") from None
+    except _LOAD_ERRORS as e:
+        raise fields.damaged(f"{where} ({kind}) does not fit its tensors ({type(e).__name__}: {str(e)[:120]})") from None
+    return item
+
+
 def load_interventions(path: str | Path, model=None) -> Intervention | Composition:
-    """Read an intervention file; with ``model``, refuse one made for a different model."""
+    """Read an intervention file; with ``model``, refuse one made for a different model.
+
+    The header is checked field by field and the tensors against it (ActlabError naming the file
+    and the field); a file that holds no intervention is refused."""
     tensors, metadata = load_tensors(path, FORMAT, "intervention")
-    items = []
-    for i, header in enumerate(json.loads(metadata["interventions"])):
-        cls = _REGISTRY.get(header["kind"])
-        if cls is None:
-            raise ActlabError(f"'{path}' holds an intervention of unknown kind {header['kind']!r}; upgrade actlab")
-        own = {name: tensors[f"{i}/{name}"] for name in cls.tensor_names if f"{i}/{name}" in tensors}
-        items.append(cls(site=header["site"], coef=header["coef"], positions=header["positions"],
-                         model=header["model"], params=header["params"], **own))
+    fields = HeaderFields(path, "intervention", metadata)
+    _check_version(fields)
+    headers = fields.json("interventions", list)
+    if not headers:
+        raise ActlabError(f"intervention file '{path}' holds no intervention (its list is empty): it would change "
+                          "nothing; make it again with `actlab steer fit` or save a non-empty composition")
+    kinds = [h.get("kind") if isinstance(h, dict) and isinstance(h.get("kind"), str) else None for h in headers]
+    expected = {f"{i}/{name}" for i, kind in enumerate(kinds) for name in getattr(_REGISTRY.get(kind), "tensor_names", ())}
+    extra = sorted(set(tensors) - expected)
+    items = [_rebuild(fields, i, header, tensors) for i, header in enumerate(headers)]
+    if extra:
+        raise fields.damaged(f"it holds tensors no intervention uses ({', '.join(extra[:3])})")
     result: Intervention | Composition = items[0] if len(items) == 1 else Composition(items)
     if model is not None:
         result.check_model(model)

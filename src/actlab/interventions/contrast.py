@@ -9,7 +9,6 @@ The mean is the default because genre and style live in every token of a passage
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -18,6 +17,7 @@ import torch
 
 from actlab.engine.batching import encode_pair
 from actlab.errors import ActlabError
+from actlab.models.inputs import text_list
 
 Aggregate = Literal["mean", "last"]
 
@@ -33,6 +33,10 @@ class ContrastSet:
         return self.prompts is not None
 
     def validate(self) -> None:
+        self.pos = text_list(self.pos, "pos", single_ok=False)
+        self.neg = text_list(self.neg, "neg", single_ok=False)
+        if self.prompts is not None:
+            self.prompts = text_list(self.prompts, "prompts", single_ok=False)
         if not self.pos or not self.neg:
             raise ActlabError(
                 f"empty contrast set: {len(self.pos)} positive and {len(self.neg)} negative examples; give at least one of each"
@@ -44,24 +48,14 @@ class ContrastSet:
 
 def read_contrast(pos: str | Path, neg: str | Path | None = None) -> ContrastSet:
     """Read ``--pos FILE --neg FILE`` (texts) or one JSONL file of pairs (``--pos pairs.jsonl``)."""
-    from actlab.io import read_documents
+    from actlab.io import read_documents, read_records
 
     if neg is None:
         path = Path(pos)
         if path.suffix != ".jsonl":
             raise ActlabError("give --neg FILE too, or a JSONL file of pairs with 'prompt', 'pos' and 'neg' fields")
-        prompts, positives, negatives = [], [], []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                prompts.append(row.get("prompt", ""))
-                positives.append(row["pos"])
-                negatives.append(row["neg"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ActlabError(f"{path}:{n}: each line must be a JSON object with 'pos' and 'neg' (and 'prompt')") from None
-        contrast = ContrastSet(positives, negatives, prompts)
+        rows = read_records(path, ("pos", "neg"), ("prompt",))
+        contrast = ContrastSet([r["pos"] for r in rows], [r["neg"] for r in rows], [r["prompt"] for r in rows])
     else:
         contrast = ContrastSet(list(read_documents(pos)), list(read_documents(neg)))
     contrast.validate()

@@ -11,11 +11,13 @@ from typing import Literal, Sequence
 
 import torch
 
+from actlab.engine.config import positive_int
 from actlab.engine.likelihood import encode_lm_data, mean_nll
 from actlab.errors import ActlabError
 from actlab.interventions.contrast import Aggregate, ContrastSet, example_activations
 from actlab.interventions.types import SteeringVector
 from actlab.linalg import held_out_count, split_indices
+from actlab.models.inputs import text_list
 
 Method = Literal["mean-diff", "pca", "dims"]
 METHODS = ("mean-diff", "pca", "dims", "affine")
@@ -68,6 +70,16 @@ def dimension_vector(pos: torch.Tensor, neg: torch.Tensor, m: int) -> tuple[torc
     return vector, dims
 
 
+def _check_dims(dims, width: int | None) -> None:
+    """``dims`` (the dimensions --method dims keeps) is None (the default) or 1..width."""
+    if dims is None:
+        return
+    if isinstance(dims, bool) or not isinstance(dims, int) or dims < 1:
+        raise ActlabError(f"dims must be a positive number of dimensions, not {dims!r} (omit it for d_model/16)")
+    if width is not None and dims > width:
+        raise ActlabError(f"dims={dims} is more than the site's {width} dimensions; give at most {width}")
+
+
 def fit_steering(
     model,
     contrast: ContrastSet,
@@ -80,10 +92,16 @@ def fit_steering(
     batch_size: int = 16,
 ) -> dict[str, SteeringVector]:
     """Fit one steering vector per site (a layer sweep when ``sites`` selects several)."""
+    if not isinstance(contrast, ContrastSet):
+        raise ActlabError(f"contrast must be a ContrastSet (e.g. ContrastSet(pos_texts, neg_texts)), not "
+                          f"{type(contrast).__name__}")
     contrast.validate()
     names = model.resolve(sites)
     if method not in ("mean-diff", "pca", "dims"):
-        raise ActlabError(f"unknown method {method!r}; choose one of mean-diff, pca, dims, affine")
+        hint = "; fit affine maps with interventions.affine_fit.fit_affine" if method == "affine" else ""
+        raise ActlabError(f"unknown method {method!r}; choose one of mean-diff, pca, dims{hint}")
+    _check_dims(dims, model.sites[names[0]] if method == "dims" else None)
+    positive_int(batch_size, "batch_size")
     pos = example_activations(model, contrast.pos, names, prompts=contrast.prompts, aggregate=aggregate,
                               batch_size=batch_size)
     neg = example_activations(model, contrast.neg, names, prompts=contrast.prompts, aggregate=aggregate,
@@ -120,10 +138,11 @@ def random_like(vector: SteeringVector, seed: int = 0) -> SteeringVector:
 def steering_vector(model, pos: Sequence[str], neg: Sequence[str], site: str, *, method: Method = "mean-diff",
                     **kwargs) -> SteeringVector:
     """Convenience: one vector at one site from two lists of texts (``actlab.steering_vector``)."""
+    contrast = ContrastSet(text_list(pos, "pos", single_ok=False), text_list(neg, "neg", single_ok=False))
     names = model.resolve(site)
     if len(names) != 1:
         raise ActlabError(f"steering_vector fits one site; '{site}' selects {len(names)} (use fit_steering for a sweep)")
-    return fit_steering(model, ContrastSet(list(pos), list(neg)), names, method=method, **kwargs)[names[0]]
+    return fit_steering(model, contrast, names, method=method, **kwargs)[names[0]]
 
 
 def contrast_split(contrast: ContrastSet, holdout: float = 0.25, seed: int = 0) -> tuple[ContrastSet, ContrastSet]:

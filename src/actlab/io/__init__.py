@@ -1,4 +1,5 @@
-"""Text input: read documents from files (plain text, JSONL, JSON, token ids) and budget them."""
+"""Files in and out: read documents and records (plain text, JSONL, JSON, token ids), budget them, and
+check output paths before a long computation writes to them."""
 
 from actlab.io.documents import (
     FORMATS,
@@ -9,13 +10,19 @@ from actlab.io.documents import (
     read_documents,
     token_counter,
 )
+from actlab.io.outputs import check_output_dir, check_output_file
+from actlab.io.records import first_record_fields, read_records
 
 __all__ = [
     "FORMATS",
     "Document",
     "budget",
+    "check_output_dir",
+    "check_output_file",
     "detect_format",
+    "first_record_fields",
     "iter_documents",
     "read_documents",
+    "read_records",
     "token_counter",
 ]

@@ -8,12 +8,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from actlab.engine.runner import check_device
 from actlab.errors import ActlabError
 from actlab.models.model import Model
 
 ZOO_DIR = Path(__file__).parent / "zoo"
 DEFAULT_MODEL = "demo-llama"
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -35,13 +37,57 @@ def resolve_path(name_or_path: str) -> str:
 
 
 def _dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
+    if dtype is None or dtype == "auto":
         return None
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ActlabError(f"dtype {dtype} is not a floating-point type; use float32, bfloat16 or float16")
+        return dtype
+    if not isinstance(dtype, str):
+        raise ActlabError(f"dtype must be a name such as 'float32' or a torch.dtype, not {dtype!r}")
     if dtype not in _DTYPES:
         raise ActlabError(f"unknown dtype '{dtype}'; use one of {sorted(set(_DTYPES))}")
     return _DTYPES[dtype]
+
+
+def _check_safetensors(files: list[Path]) -> None:
+    """Each weights file must be a complete safetensors file (a cut download is the usual culprit)."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ActlabError(f"'{path}' is not a complete safetensors file ({str(exc).splitlines()[0]}): the "
+                              "download or copy was probably cut short; fetch or save the model again") from None
+
+
+def _use_safetensors(folder: Path, allow_pickle: bool) -> bool:
+    """Whether a local model folder is loaded from safetensors (preferred whenever present); a folder with
+    only pickle weights (pytorch_model.bin, *.pt) is refused unless ``allow_pickle``."""
+    safe = sorted(folder.glob("*.safetensors"))
+    if safe:
+        _check_safetensors(safe)
+        return True
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if not pickles:
+        raise ActlabError(f"'{folder}' has no model weights (no *.safetensors file); save the model there with "
+                          "save_pretrained")
+    if not allow_pickle:
+        raise ActlabError(f"'{folder}' has only pickle weights ({', '.join(pickles[:2])}): loading pickle can run "
+                          "arbitrary code, so actlab refuses it; convert the model to safetensors, or if you trust "
+                          "the files pass allow_pickle=True (command line: actlab --allow-pickle ...)")
+    return False
+
+
+def _check_name(name_or_model) -> str:
+    if isinstance(name_or_model, os.PathLike):
+        name_or_model = os.fspath(name_or_model)
+    if not isinstance(name_or_model, str) or not name_or_model.strip():
+        raise ActlabError(f"load takes a model name, a local folder, a hub id or an HF model, not {name_or_model!r}; "
+                          f"bundled models: {', '.join(zoo_models()) or 'none'}")
+    return str(name_or_model)
 
 
 def _model_class(config):
@@ -63,45 +109,62 @@ def load(
     dtype: str | torch.dtype | None = "float32",
     trust_remote_code: bool = False,
     revision: str | None = None,
+    allow_pickle: bool = False,
 ) -> Model:
     """Load a model and its tokenizer as an ``actlab.Model``.
 
     ``name_or_model`` is a bundled demo name (``demo-gpt2``, ``demo-llama``), a local directory
     saved with ``save_pretrained``, a hub id (needs network), or an HF model object (then pass
     ``tokenizer=``). Remote code never runs unless the caller opts in with the ``trust_remote_code`` flag.
+    Weights load from safetensors; pickle weights (``pytorch_model.bin``), which can run code when
+    read, only with ``allow_pickle=True``. The device must exist on this machine.
     """
+    dev = check_device(device)
+    torch_dtype = _dtype(dtype)
     if isinstance(name_or_model, nn.Module):
-        model = name_or_model.to(device)
-        if dtype is not None and dtype != "auto":
-            model = model.to(_dtype(dtype))
+        model = name_or_model.to(dev)
+        if torch_dtype is not None:
+            model = model.to(torch_dtype)
         return Model(model, tokenizer, name=getattr(model.config, "_name_or_path", None) or None)
+    name = _check_name(name_or_model)
+    model, tokenizer = _from_pretrained(name, tokenizer, torch_dtype, revision=revision,
+                                        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    return Model(model.to(dev), tokenizer, name=name)
 
+
+def _from_pretrained(name: str, tokenizer, torch_dtype, *, revision, trust_remote_code: bool, allow_pickle: bool):
+    """The HF model and tokenizer of a bundled name, local folder or hub id; any failure is one ActlabError."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    name = str(name_or_model)
     source = resolve_path(name)
     is_local = Path(source).is_dir()
     if not is_local and (name.startswith((".", "/", "~")) or os.sep in name and Path(name).parent.exists() and not Path(name).exists()):
         raise ActlabError(f"model directory '{name}' does not exist")
     if is_local and not (Path(source) / "config.json").is_file():
         raise ActlabError(f"'{source}' has no config.json: it is not a model saved with save_pretrained")
+    use_safetensors = _use_safetensors(Path(source), allow_pickle) if is_local else (None if allow_pickle else True)
     try:
         config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
-        cls = _model_class(config)
-        model = cls.from_pretrained(
-            source, config=config, dtype=_dtype(dtype), revision=revision, trust_remote_code=trust_remote_code
+        model = _model_class(config).from_pretrained(
+            source, config=config, dtype=torch_dtype, revision=revision, trust_remote_code=trust_remote_code,
+            use_safetensors=use_safetensors,
         )
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except ActlabError:
         raise
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         hint = (
             f"bundled models: {', '.join(zoo_models()) or 'none'}; a local directory; or a hub id "
             "(needs network: unset HF_HUB_OFFLINE)"
         )
-        raise ActlabError(f"could not load model '{name}': {str(exc).splitlines()[0]} ({hint})") from None
-    model = model.to(device)
-    return Model(model, tokenizer, name=name)
+        if is_local:
+            hint = "check that folder's config.json and tokenizer files, or save the model there again with save_pretrained"
+        elif "safetensors" in str(exc) and not allow_pickle:
+            hint = "actlab loads safetensors weights only; pass allow_pickle=True (--allow-pickle) for pickle ones"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ActlabError(f"could not load model '{name}': {first} ({hint})") from None
+    return model, tokenizer

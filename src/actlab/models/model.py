@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import warnings
 from typing import Iterable, Sequence
 
 import torch
@@ -13,10 +12,11 @@ from torch import nn
 
 from actlab.engine import runner
 from actlab.engine.batch import TokenBatch
-from actlab.engine.batching import pad, position_ids_from_mask
-from actlab.engine.capture import Capture
-from actlab.engine.hooks import Handle, HookManager
+from actlab.engine.batching import position_ids_from_mask
+from actlab.engine.capture import Capture, OpenCaptures
+from actlab.engine.hooks import Handle, HookManager, process_random
 from actlab.errors import ActlabError
+from actlab.models import inputs as model_inputs
 from actlab.models.sites import SiteMap
 
 _VOLATILE_CONFIG_KEYS = {
@@ -53,6 +53,16 @@ def context_length(config, tokenizer=None) -> int:
     return int(limit)
 
 
+def check_edit(edit) -> None:
+    """What ``Model.edit`` takes: an Intervention (with ``edits()``) or an engine edit, a callable
+    ``(h, state) -> h`` naming its ``site``; anything else (a string, a path, a tensor) is refused."""
+    if isinstance(getattr(edit, "site", None), str) and callable(edit):
+        return
+    hint = " (load a file first: actlab.interventions.load_interventions(path, model))" if isinstance(edit, str) else ""
+    raise ActlabError(f"model.edit takes interventions or engine edits (objects with a site that are called on "
+                      f"activations), not {type(edit).__name__}{hint}")
+
+
 class Model:
     """A transformer with named sites. Build it with ``actlab.load``."""
 
@@ -62,7 +72,7 @@ class Model:
         self.name = name or getattr(hf_model.config, "_name_or_path", None) or type(hf_model).__name__
         self.sitemap = SiteMap(hf_model)
         self.hooks = HookManager(hf_model, self.sitemap)
-        self._captures: list[Capture] = []
+        self._captures = OpenCaptures()  # per thread: a call stamps its ids on its own thread's captures
         self._anatomy = None
         self._accepts = set(inspect.signature(hf_model.forward).parameters)
         if tokenizer is not None and tokenizer.pad_token_id is None:
@@ -175,27 +185,19 @@ class Model:
 
     def resolve(self, selectors: str | Iterable[str]) -> list[str]:
         """Expand site selectors (``resid.*``, ``mlp.hidden.1-3``, ``resid.-1``) into site names."""
+        if not isinstance(selectors, str):
+            items = list(selectors) if hasattr(selectors, "__iter__") and not torch.is_tensor(selectors) else None
+            if items is None or not all(isinstance(s, str) for s in items):
+                raise ActlabError(f"sites must be a selector string such as 'resid.*' or a list of them, not {selectors!r}")
+            selectors = items
         return self.sitemap.resolve(selectors)
 
     # ----------------------------------------------------------------- inputs
     def tokenize(
         self, texts: str | Sequence[str], *, padding_side: str = "right", max_length: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and attention mask for a batch of texts; long texts are truncated with a warning."""
-        if self.tokenizer is None:
-            raise ActlabError("this model has no tokenizer: pass token ids, or load it with tokenizer=...")
-        if isinstance(texts, str):
-            texts = [texts]
-        if len(texts) == 0:
-            raise ActlabError("no texts given: pass at least one string")
-        limit = max_length or self.max_length
-        encoded = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
-        if any(len(e) > limit for e in encoded):
-            warnings.warn(f"text longer than the model context ({limit} tokens) truncated", stacklevel=3)
-            encoded = [e[:limit] for e in encoded]
-        if any(len(e) == 0 for e in encoded):
-            raise ActlabError("an input text is empty after tokenisation; remove empty strings")
-        return pad(encoded, self.pad_token_id, side=padding_side)
+        """Token ids and attention mask for a batch of texts; long texts lose their end, with a warning."""
+        return model_inputs.tokenize(self, texts, padding_side=padding_side, max_length=max_length)
 
     def forward_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
         """Keyword arguments for the HF forward, with position ids that ignore padding."""
@@ -209,23 +211,8 @@ class Model:
             kwargs["use_cache"] = False
         return kwargs
 
-    def _as_inputs(self, inputs, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str)):
-            return self.tokenize(inputs)
-        if isinstance(inputs, (list, tuple)):
-            if not inputs:
-                raise ActlabError("no inputs given")
-            return pad([list(map(int, x)) for x in inputs], self.pad_token_id)
-        if not torch.is_tensor(inputs):
-            raise ActlabError(f"inputs must be text, a list of texts, token-id lists or a tensor, not {type(inputs).__name__}")
-        ids = inputs.unsqueeze(0) if inputs.ndim == 1 else inputs
-        if ids.numel() == 0:
-            raise ActlabError("empty input: the token tensor has no tokens")
-        vocab = self.vocab_size
-        if vocab is not None and (int(ids.max()) >= vocab or int(ids.min()) < 0):
-            raise ActlabError(f"token ids must lie in [0, {vocab}); got values up to {int(ids.max())}")
-        mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
-        return ids, mask
+    def _as_inputs(self, values, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return model_inputs.as_inputs(self, values, attention_mask)
 
     # -------------------------------------------------------------- running
     def __call__(self, inputs, attention_mask: torch.Tensor | None = None, **kwargs):
@@ -237,15 +224,17 @@ class Model:
             return self.hf(**self.forward_inputs(ids, mask), **kwargs)
 
     def capture(self, sites: str | Iterable[str]) -> Capture:
-        """Context manager that records ``sites`` for every forward pass inside it."""
+        """Context manager that records ``sites`` for every forward pass the calling thread runs inside it."""
         return Capture(self, sites)
 
     def edit(self, *edits) -> Handle:
-        """Apply edits (Interventions or engine edits) until the handle is removed or the block exits."""
+        """Apply edits (Interventions or engine edits) to the calling thread's forward passes until the handle
+        is removed or the block exits (other threads sharing the model are not affected)."""
         flat = []
-        for e in edits:
-            flat.extend(e.edits() if hasattr(e, "edits") else (e if isinstance(e, (list, tuple)) else [e]))
+        for e in (x for item in edits for x in (item if isinstance(item, (list, tuple)) else [item])):
+            flat.extend(e.edits() if hasattr(e, "edits") else [e])
         for e in flat:
+            check_edit(e)
             if hasattr(e, "check_model"):
                 e.check_model(self)
             self.sitemap[e.site]
@@ -301,17 +290,16 @@ class Model:
         """
         if not self.is_causal:
             raise ActlabError(f"{self.sitemap.model_class} cannot generate text (it has no causal LM head)")
+        model_inputs.check_generation(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                      top_p=top_p, seed=seed)
         single = isinstance(prompts, str)
-        if torch.is_tensor(prompts):
-            ids, mask = self._as_inputs(prompts)
-        else:
-            ids, mask = self.tokenize([prompts] if single else list(prompts), padding_side="left",
-                                      max_length=max(1, self.max_length - max_new_tokens))
-        if seed is not None:
-            torch.manual_seed(seed)
+        ids, mask = model_inputs.prompt_inputs(self, prompts, max_new_tokens)  # a long prompt keeps its end
         for cap in self._captures:
             cap.input_ids = ids
-        with self.hooks.prompt_length(ids.shape[1]), torch.no_grad():
+        # torch's random generator is process-wide: a sampling thread holds it from the seed to the last token
+        with process_random(do_sample or seed is not None), self.hooks.prompt_length(ids.shape[1]), torch.no_grad():
+            if seed is not None:
+                torch.manual_seed(seed)
             gen_kwargs = dict(
                 input_ids=ids.to(self.device),
                 attention_mask=mask.to(self.device),
@@ -320,6 +308,7 @@ class Model:
                 pad_token_id=self.pad_token_id,
                 use_cache=use_cache,
                 streamer=streamer,
+                logits_processor=model_inputs.usable_scores(),  # NaN / inf / flat scores: a clear error
             )
             if do_sample:
                 gen_kwargs.update(temperature=temperature, top_p=top_p)

@@ -198,7 +198,7 @@ class StatsSink:
             ) from None
         try:
             header = json.loads(raw_header)
-        except json.JSONDecodeError as e:
+        except (ValueError, RecursionError) as e:
             raise ActlabError(f"{bad}: its header is not valid JSON ({e})") from None
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             fmt = header.get("format") if isinstance(header, dict) else None
@@ -218,18 +218,33 @@ class StatsSink:
         extra = sorted(set(tensors) - expected)
         if extra:
             raise ActlabError(f"{bad}: unexpected tensors {extra[:5]}")
+        metadata = header.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise ActlabError(f"{bad}: its 'metadata' should be an object, not {type(metadata).__name__}")
         sink = cls.__new__(cls)
         sink.cfg = {k: config[k] for k in _CONFIG_KEYS if k in config}
-        sink.stats = {}
-        for site, width in sites.items():
-            state = {name: tensors[f"{site}/{name}"] for name in STATE_FIELDS if f"{site}/{name}" in tensors}
-            sink.stats[site] = ChannelStats.from_state_dict(
-                state, {**config, "width": width}, where=f"{path} site {site!r}"
-            )
+        sink.stats = _load_sites(path, bad, sites, config, tensors)
         sink._template = next(iter(sink.stats.values()))
-        sink.metadata = header.get("metadata") or {}
+        sink.metadata = metadata
         sink.file_header = header
         return sink
 
     def __repr__(self) -> str:
         return f"StatsSink(sites={self.widths}, tokens={self.n_tokens})"
+
+
+def _load_sites(path: Path, bad: str, sites: dict, config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, ChannelStats]:
+    """Each site's ChannelStats; a width is checked against the file's tensors before anything of
+    that width is allocated (so a header number never sizes memory)."""
+    stats = {}
+    for site, width in sites.items():
+        mean = tensors.get(f"{site}/mean")
+        if isinstance(width, bool) or not isinstance(width, int) or mean is None or tuple(mean.shape) != (width,):
+            found = "no mean tensor" if mean is None else f"a mean of shape {list(mean.shape)}"
+            raise ActlabError(f"{bad}: site {site!r} has width {str(width)[:20]} in the header but {found}")
+        state = {name: tensors[f"{site}/{name}"] for name in STATE_FIELDS if f"{site}/{name}" in tensors}
+        try:
+            stats[site] = ChannelStats.from_state_dict(state, {**config, "width": width}, where=f"{path} site {site!r}")
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ActlabError(f"{bad}: site {site!r} has a bad stats config ({type(e).__name__}: {str(e)[:100]})") from None
+    return stats

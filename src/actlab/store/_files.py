@@ -23,6 +23,19 @@ def is_tmp_file(path: Path) -> bool:
     return path.name.startswith(".") and path.name.endswith(TMP_SUFFIX)
 
 
+def confined(directory: Path, name: str) -> Path:
+    """``directory / name`` for a bare file name whose path, links resolved, stays inside ``directory``.
+
+    ActlabError for anything else (a path, ``..``, an absolute name, a link to a file elsewhere): a
+    store never reads or writes outside its folder, whatever its manifest says."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ActlabError(f"{str(name)[:80]!r} is not a bare file name inside the store {directory}")
+    path = directory / name
+    if path.is_symlink() and path.resolve().parent != directory.resolve():
+        raise ActlabError(f"{path} is a link to {path.resolve()}, outside the store; a store only reads its own files")
+    return path
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -60,7 +73,7 @@ class DirLock:
         except OSError:
             os.close(fd)
             raise ActlabError(
-                f"another process is recording into {self.directory}; wait for it to finish or stop it first"
+                f"another process or thread is recording into {self.directory}; wait for it to finish or stop it first"
             ) from None
         self._fd = fd
         return self

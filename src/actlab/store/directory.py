@@ -17,8 +17,10 @@ from pathlib import Path
 
 from actlab.errors import ActlabError
 from actlab.models.model import same_model
-from actlab.store._files import is_tmp_file, write_json_atomic
-from actlab.store.manifest import MANIFEST_NAME, marker_name, read_manifest
+from actlab.store._files import confined, is_tmp_file, write_json_atomic
+from actlab.store.checks import shard_problems
+from actlab.store.manifest import MANIFEST_NAME, marker_name, read_manifest, repair_hint, shard_name
+from actlab.store.schema import entry_problem, listing_problem
 
 SHARD_RE = re.compile(r"^shard-\d{5,}\.safetensors$")
 MARKER_RE = re.compile(r"^shard-\d{5,}\.done\.json$")
@@ -56,7 +58,8 @@ def existing_manifest(out: Path, overwrite: bool) -> dict | None:
         try:
             return read_manifest(out)
         except ActlabError as e:
-            raise ActlabError(f"{e}; pass overwrite=True (--overwrite) to replace it") from None
+            hint = "" if "overwrite" in str(e) else "; pass overwrite=True (--overwrite) to replace it"
+            raise ActlabError(f"{e}{hint}") from None
     found = sorted(e.name for e in out.iterdir())
     if found:
         hint = ("pass overwrite=True (--overwrite) to delete them"
@@ -117,8 +120,12 @@ def clear_store_files(out: Path) -> None:
 
 # ------------------------------------------------------------------ which shards are done
 def shard_ok(out: Path, entry: dict) -> bool:
-    path = out / entry.get("file", "")
-    return path.is_file() and path.stat().st_size == entry.get("bytes")
+    """The (sound) entry's file is in place, inside the store, with the listed size."""
+    try:
+        path = confined(out, shard_name(entry["index"]))
+    except ActlabError:
+        return False
+    return path.is_file() and path.stat().st_size == entry["bytes"]
 
 
 def write_marker(out: Path, plan_sha256: str, entry: dict) -> None:
@@ -126,31 +133,54 @@ def write_marker(out: Path, plan_sha256: str, entry: dict) -> None:
     write_json_atomic(out / marker_name(entry["index"]), {"plan_sha256": plan_sha256, "shard": entry})
 
 
-def read_marker(path: Path, plan_sha256: str) -> dict | None:
-    """The shard entry a marker holds, or None when it is unreadable or belongs to another plan."""
+def read_marker(path: Path, header: dict) -> dict | None:
+    """The shard entry a marker holds, or None when it is unreadable, unsound or of another plan."""
     try:
-        marker = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        marker = json.loads(confined(path.parent, path.name).read_text(encoding="utf-8"))
+    except (ActlabError, OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
-    if not isinstance(marker, dict) or marker.get("plan_sha256") != plan_sha256:
+    if not isinstance(marker, dict) or marker.get("plan_sha256") != header["plan"]["plan_sha256"]:
         return None
     entry = marker.get("shard")
-    return entry if isinstance(entry, dict) and isinstance(entry.get("index"), int) else None
+    return entry if entry_problem(entry, header) is None else None
 
 
-def done_entries(out: Path, n_shards: int, plan_sha256: str, listed: list) -> dict[int, dict]:
-    """Shards whose file is in place: those the manifest lists, and those with a marker."""
+def _agrees(entry: dict, plan) -> bool:
+    """Whether an entry says what the plan says about its shard (where, how many tokens, which rows)."""
+    return plan is None or all(entry.get(k) == v for k, v in plan.expected_entry(entry["index"]).items())
+
+
+def done_entries(out: Path, header: dict, listed: list, plan=None) -> dict[int, dict]:
+    """Shards whose file is in place: those the manifest lists, and those with a marker.
+
+    ``header``: the manifest header the entries belong to (its ``plan`` names the plan). With the
+    ``RecordPlan``, an entry that disagrees with it is not done (the plan decides, not the numbers of
+    a manifest: the shard is recorded again); without it, a marker counts only if its file agrees.
+    """
     done: dict[int, dict] = {}
-    for entry in listed:
-        if isinstance(entry, dict) and shard_ok(out, entry) and 0 <= entry.get("index", -1) < n_shards:
+    for entry in listed:  # sound entries: read_manifest checked them
+        if _agrees(entry, plan) and shard_ok(out, entry):
             done[entry["index"]] = entry
     for path in sorted(out.iterdir()):
-        if MARKER_RE.match(path.name):
-            entry = read_marker(path, plan_sha256)
-            if entry is not None and entry["index"] not in done and 0 <= entry["index"] < n_shards \
-                    and shard_ok(out, entry):
-                done[entry["index"]] = entry
+        if not MARKER_RE.match(path.name):
+            continue
+        entry = read_marker(path, header)
+        if entry is None or entry["index"] in done or not _agrees(entry, plan) or not shard_ok(out, entry):
+            continue
+        if plan is None and shard_problems(out, header, entry, checksums=False):
+            continue
+        done[entry["index"]] = entry
+    problem = listing_problem(list(done.values()))
+    if problem:
+        raise ActlabError(f"{out} holds shards that do not fit together ({problem}); {repair_hint(out)}")
     return done
+
+
+def missing_shards(n_shards: int, done: dict[int, dict], shown: int = 8) -> tuple[int, list[int]]:
+    """How many of the plan's shards are not done, and the first ``shown`` of them (found without a
+    loop over ``n_shards``: only as far as the done ones reach)."""
+    first = [i for i in range(min(n_shards, len(done) + shown)) if i not in done][:shown]
+    return n_shards - len(done), first
 
 
 def remove_markers(out: Path, index: int | None = None) -> None:

@@ -21,7 +21,9 @@ from actlab.engine import runner
 from actlab.engine.batching import LongDocs, Positions, Row, selection_mask
 from actlab.engine.config import Config
 from actlab.errors import ActlabError
-from actlab.store.manifest import FORMAT_NAME, FORMAT_VERSION, INDEX_KEYS, dtype_name, positions_to_json, torch_dtype
+from actlab.store.manifest import (
+    FORMAT_NAME, FORMAT_VERSION, INDEX_KEYS, dtype_name, positions_to_json, shard_name, torch_dtype,
+)
 
 DEFAULT_SHARD_BYTES = 256 * 2**20  # target shard size when shard_tokens is not given
 _COUNT_CHUNK = 1024
@@ -102,6 +104,13 @@ class RecordPlan:
     @property
     def plan_sha256(self) -> str:
         return self.header["plan"]["plan_sha256"]
+
+    def expected_entry(self, index: int) -> dict:
+        """The fields of shard ``index``'s manifest entry that the plan decides (a listed entry that
+        says otherwise was edited)."""
+        s = self.shards[index]
+        return {"file": shard_name(index), "n_tokens": s.n_tokens, "token_offset": s.token_offset,
+                "rows": [s.row_start, s.row_start + len(s.rows)], "doc_ids": [s.rows[0].doc_id, s.rows[-1].doc_id]}
 
     def __repr__(self) -> str:
         return f"RecordPlan({str(self.out)!r}, shards={self.n_shards}, tokens={self.n_tokens}, sites={self.sites})"

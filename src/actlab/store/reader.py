@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
@@ -14,7 +15,8 @@ import torch
 from actlab.errors import ActlabError
 from actlab.files import open_tensors
 from actlab.models.model import same_model
-from actlab.store.manifest import INDEX_KEYS, MANIFEST_NAME, positions_from_json, read_manifest, torch_dtype
+from actlab.store.checks import shard_problems
+from actlab.store.manifest import INDEX_KEYS, MANIFEST_NAME, positions_from_json, read_manifest, repair_hint, torch_dtype
 
 if TYPE_CHECKING:
     from actlab.store.shuffle import ShuffledReader
@@ -59,16 +61,13 @@ class Store:
 
     def __init__(self, path: str | os.PathLike, *, cache_size: int = 4):
         self.path = Path(path)
-        self.manifest = read_manifest(self.path)
+        self.manifest = read_manifest(self.path)  # every field checked: see store.schema
         self.cache_size = max(0, int(cache_size))
         self._cache: OrderedDict[tuple[int, str], torch.Tensor] = OrderedDict()
-        try:
-            self._shards = sorted(self.manifest["shards"], key=lambda e: int(e["token_offset"]))
-            self._offsets = [int(e["token_offset"]) for e in self._shards]
-            for e in self._shards:
-                int(e["n_tokens"]), str(e["file"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ActlabError(f"{self.path / MANIFEST_NAME} is damaged: a shard entry is malformed ({e!r})") from None
+        self._cache_lock = threading.Lock()
+        self._shards = sorted(self.manifest["shards"], key=lambda e: e["token_offset"])
+        self._offsets = [e["token_offset"] for e in self._shards]
+        self._sound: set[int] = set()  # shards whose file was found to agree with its entry
 
     # ------------------------------------------------------------ properties
     @property
@@ -131,10 +130,24 @@ class Store:
     def shard_paths(self) -> list[Path]:
         return [self.path / e["file"] for e in self._shards]
 
-    def _open(self, entry: dict):
-        path = self.path / entry["file"]
-        if not path.is_file():
-            raise ActlabError(f"{path} is missing; run `actlab store verify {self.path}`, then record again to restore it")
+    def check_shard(self, k: int) -> None:
+        """ActlabError unless the k-th recorded shard's file agrees with its entry (in the store, of the
+        listed size, its tensors and header those of the manifest); checked once per shard, before
+        anything of its size is allocated. ``verify`` also checks the checksum."""
+        if k in self._sound:
+            return
+        entry = self._shards[k]
+        problems = shard_problems(self.path, self.manifest, entry, checksums=False)
+        if problems:
+            path = self.path / entry["file"]
+            first = problems[0].removeprefix(f"{entry['file']}: ")
+            what = f"{path} is missing" if first == "missing" else f"cannot read {path} ({first})"
+            raise ActlabError(f"{what}; {repair_hint(self.path)}")
+        self._sound.add(k)
+
+    def _open(self, k: int):
+        self.check_shard(k)
+        path = self.path / self._shards[k]["file"]
         try:
             return open_tensors(path)
         except Exception as e:
@@ -142,15 +155,10 @@ class Store:
 
     def load_shard(self, k: int, keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Tensors of the k-th recorded shard (every site and index key unless ``keys`` says which)."""
-        entry = self._shards[k]
         wanted = list(keys) if keys is not None else self.keys()
         for key in wanted:
             self._check_key(key)
-        with self._open(entry) as f:
-            present = set(f.keys())
-            missing = [key for key in wanted if key not in present]
-            if missing:
-                raise ActlabError(f"{self.path / entry['file']} lacks {', '.join(missing)}; the file is damaged")
+        with self._open(k) as f:
             return {key: f.get_tensor(key) for key in wanted}
 
     def iter_shards(self, keys: Sequence[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
@@ -216,17 +224,32 @@ class Store:
             raise ActlabError(f"token {i} lies in a shard that is not recorded; run `actlab store verify {self.path}`")
         return k
 
+    def _spans(self, indices: range) -> list[tuple[int, int, int, int]]:
+        """(shard, first row, end row, position in the result) of a contiguous range, shards checked."""
+        spans, pos = [], indices.start
+        while pos < indices.stop:
+            k = self._shard_of(pos)
+            self.check_shard(k)
+            offset = self._offsets[k]
+            hi = min(indices.stop, offset + self._shards[k]["n_tokens"])
+            spans.append((k, pos - offset, hi - offset, pos - indices.start))
+            pos = hi
+        return spans
+
     def _cached(self, k: int, key: str) -> torch.Tensor:
+        """One tensor of shard ``k``, through a small LRU cache that threads sharing this Store may use at once."""
         ck = (k, key)
-        if ck in self._cache:
-            self._cache.move_to_end(ck)
-            return self._cache[ck]
-        with self._open(self._shards[k]) as f:
+        with self._cache_lock:
+            if ck in self._cache:
+                self._cache.move_to_end(ck)
+                return self._cache[ck]
+        with self._open(k) as f:
             t = f.get_tensor(key)
         if self.cache_size:
-            self._cache[ck] = t
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+            with self._cache_lock:
+                self._cache[ck] = t
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
         return t
 
     def _empty(self, key: str, n: int) -> torch.Tensor:
@@ -245,20 +268,15 @@ class Store:
         self._check_key(key)
         indices, scalar = self._indices(idx)
         if isinstance(indices, range):
+            spans = self._spans(indices)  # the shards are checked before the result is allocated
             out = self._empty(key, len(indices))
-            pos = indices.start
-            while pos < indices.stop:
-                k = self._shard_of(pos)
-                offset = self._offsets[k]
-                hi = min(indices.stop, offset + int(self._shards[k]["n_tokens"]))
-                a, b = pos - offset, hi - offset
+            for k, a, b, at in spans:
                 if (k, key) in self._cache or (scalar and self.cache_size):
                     part = self._cached(k, key)[a:b]
                 else:
-                    with self._open(self._shards[k]) as f:
+                    with self._open(k) as f:
                         part = f.get_slice(key)[a:b]
-                out[pos - indices.start : hi - indices.start] = part
-                pos = hi
+                out[at : at + b - a] = part
             return out[0] if scalar else out
         out = self._empty(key, int(indices.numel()))
         if indices.numel() == 0:
@@ -292,8 +310,11 @@ class Store:
         """Problems found (an empty list means the store is sound).
 
         Checks that every planned shard is recorded, each listed file exists with the listed size and
-        sha256 (skipped with ``checksums=False``), opens as safetensors, and holds every site and index
-        tensor with the manifest's shape and dtype; and that token offsets follow one another.
+        sha256 (skipped with ``checksums=False``), opens as safetensors, holds every site and index
+        tensor with the manifest's shape and dtype, and that its own header names the same shard,
+        offset and token count (the manifest's own fields were checked when the store was opened).
+        Damaged shards are fixed by ``repair_store(path)`` (``actlab store verify --repair``), which
+        drops them so that the same record command re-records just those.
         """
         from actlab.store.verify import verify_store
 

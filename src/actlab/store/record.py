@@ -21,6 +21,7 @@ from actlab.store.directory import (
     done_entries,
     existing_manifest,
     header_of,
+    missing_shards,
     refuse_differences,
     remove_markers,
     sync_manifest,
@@ -68,7 +69,7 @@ def _claim(model, docs, site_names: list[str], store_dtype: str, out: Path, conf
         clear_store_files(out)  # only now that the run's parameters are known to be valid
     if old is not None:
         refuse_differences(out, old, plan.header)
-    done = done_entries(out, plan.n_shards, plan.plan_sha256, old["shards"] if old else [])
+    done = done_entries(out, plan.header, old["shards"] if old else [], plan)
     # claim the directory (or drop shards that went missing) before any work
     manifest = sync_manifest(out, plan.header, done, plan.n_shards, old)
     return plan, manifest, done
@@ -77,12 +78,12 @@ def _claim(model, docs, site_names: list[str], store_dtype: str, out: Path, conf
 def _finalise(out: Path, plan_sha256: str | None) -> None:
     manifest = _manifest_of(out, plan_sha256)
     n_shards = manifest["plan"]["n_shards"]
-    done = done_entries(out, n_shards, manifest["plan"]["plan_sha256"], manifest["shards"])
-    missing = [i for i in range(n_shards) if i not in done]
-    if missing:
-        shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+    done = done_entries(out, manifest, manifest["shards"])
+    n_missing, first = missing_shards(n_shards, done)
+    if n_missing:
+        shown = ", ".join(map(str, first)) + (", ..." if n_missing > len(first) else "")
         raise ActlabError(
-            f"cannot finalise {out}: {len(missing)} of {n_shards} shards are not written yet (shards {shown}); "
+            f"cannot finalise {out}: {n_missing} of {n_shards} shards are not written yet (shards {shown}); "
             "write them with write_shard(plan, index) (or run the same record call), then finalise again"
         )
     sync_manifest(out, header_of(manifest), done, n_shards, manifest)
@@ -142,7 +143,7 @@ def write_shard(plan: RecordPlan, index: int, *, batch_size: int = 8, progress: 
     _manifest_of(plan.out, plan.plan_sha256)  # fail early, before the lock, on an unclaimed directory
     with DirLock(plan.out, shared=True):
         manifest = _manifest_of(plan.out, plan.plan_sha256)
-        done = done_entries(plan.out, plan.n_shards, plan.plan_sha256, manifest["shards"])
+        done = done_entries(plan.out, plan.header, manifest["shards"], plan)
         if index in done:
             return done[index]
         shard = plan.shards[index]

@@ -141,7 +141,10 @@ class ShuffledReader:
         self.batch_size = _positive_int("batch_size", batch_size, 1)
         self.seed = _positive_int("seed", seed, 0)
         self.epochs = _positive_int("epochs", epochs, 1)
-        biggest = max((int(e["n_tokens"]) for e in store.manifest["shards"]), default=0)
+        sizes = [e["n_tokens"] for e in store._shards]
+        if shuffle_buffer is None and sizes:  # the buffer is sized by a file on disk, not by a manifest number
+            store.check_shard(sizes.index(max(sizes)))
+        biggest = max(sizes, default=0)
         buffer = biggest if shuffle_buffer is None else _positive_int("shuffle_buffer", shuffle_buffer, 0)
         self.shuffle = bool(shuffle)
         self.capacity = min(buffer, store.n_tokens) if self.shuffle else 0

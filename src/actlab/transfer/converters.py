@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 from actlab.errors import ActlabError
-from actlab.files import load_tensors, save_tensors
+from actlab.files import NUMBER, HeaderFields, load_tensors, save_tensors
 from actlab.linalg import LAMBDA_GRID, fit_ridge
 from actlab.transfer.profiles import ActivationProfile
 
@@ -138,20 +138,46 @@ class ConverterSet:
 
     @classmethod
     def load(cls, path: str | Path) -> "ConverterSet":
-        """Every matrix is restored (the reference code's compressed format came back as zeros)."""
+        """Every matrix is restored (the reference code's compressed format came back as zeros); the
+        header and the tensors are checked first (ActlabError naming the file and what is wrong)."""
         tensors, meta = load_tensors(path, FORMAT, "converter")
-        layer_map = {int(k): int(v) for k, v in json.loads(meta["layer_map"]).items()}
-        fits = json.loads(meta["fits"])
+        fields = HeaderFields(path, "converter", meta)
+        raw_map, fits = fields.json("layer_map", dict), fields.json("fits", dict)
+        if not raw_map:
+            raise fields.damaged("its layer_map is empty")
+        layer_map = {}
+        for k, v in raw_map.items():
+            if not (k.isascii() and k.isdigit() and len(k) < 7) or isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise fields.damaged(f"layer_map entry {k[:20]!r}: {str(v)[:20]} is not a pair of layer numbers")
+            layer_map[int(k)] = v
         tables: dict[str, dict[int, LinearMap]] = {"to_donor": {}, "to_recipient": {}}
         for d in layer_map:
             for direction in tables:
-                f = fits[f"{direction}.{d}"]
-                tables[direction][d] = LinearMap(
-                    weight=tensors[f"{direction}.{d}.weight"], x_mean=tensors[f"{direction}.{d}.x_mean"],
-                    y_mean=tensors[f"{direction}.{d}.y_mean"], lam=f["lam"], r2=f["r2"], train_r2=f["train_r2"])
+                tables[direction][d] = _load_map(fields, tensors, fits, f"{direction}.{d}")
+        try:
+            fit_seconds = float(fields.text("fit_seconds", "0"))
+        except ValueError:
+            raise fields.damaged("its fit_seconds is not a number") from None
         return cls(layer_map=layer_map, to_donor=tables["to_donor"], to_recipient=tables["to_recipient"],
-                   donor=json.loads(meta["donor"]), recipient=json.loads(meta["recipient"]),
-                   prompts_hash=meta["prompts_hash"], fit_seconds=float(meta.get("fit_seconds", 0)))
+                   donor=fields.json("donor", dict), recipient=fields.json("recipient", dict),
+                   prompts_hash=fields.text("prompts_hash"), fit_seconds=fit_seconds)
+
+
+def _load_map(fields: HeaderFields, tensors: dict[str, torch.Tensor], fits: dict, key: str) -> LinearMap:
+    """One direction of one layer pair: weight [d_in, d_out], x_mean [d_in], y_mean [d_out], finite floats."""
+    fit = fields.check(fits.get(key), dict, f"fits['{key}']")
+    numbers = {name: fields.item(fit, name, NUMBER, f"fits['{key}']") for name in ("lam", "r2", "train_r2")}
+    parts = {}
+    for name in ("weight", "x_mean", "y_mean"):
+        t = tensors.get(f"{key}.{name}")
+        if t is None or not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            raise fields.damaged(f"tensor '{key}.{name}' is missing, not floating point or not finite")
+        parts[name] = t
+    w = parts["weight"]
+    if w.ndim != 2 or parts["x_mean"].shape != (w.shape[0],) or parts["y_mean"].shape != (w.shape[1],):
+        raise fields.damaged(f"the shapes of '{key}' disagree (weight {list(w.shape)}, x_mean "
+                             f"{list(parts['x_mean'].shape)}, y_mean {list(parts['y_mean'].shape)})")
+    return LinearMap(**parts, **numbers)
 
 
 def fit_converters(

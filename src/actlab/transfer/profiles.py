@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from actlab.errors import ActlabError
-from actlab.files import load_tensors, save_tensors
+from actlab.files import HeaderFields, load_tensors, save_tensors
 
 FORMAT = "actlab.profile"
 
@@ -57,10 +57,42 @@ class ActivationProfile:
 
     @classmethod
     def load(cls, path: str | Path) -> "ActivationProfile":
-        tensors, meta = load_tensors(path, FORMAT, "activation profile", "make it with `actlab paste profile`")
-        acts = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("resid.")}
-        return cls(acts=dict(sorted(acts.items())), model=json.loads(meta["model"]),
-                   prompts=json.loads(meta["prompts"]), positions=meta["positions"], row_prompt=tensors["row_prompt"])
+        """Read a profile file; ActlabError (naming the file and what is wrong) unless every field and
+        tensor is there, of the right type and shape, and the prompts match their hash."""
+        hint = "make it with `actlab paste profile`"
+        tensors, meta = load_tensors(path, FORMAT, "activation profile", hint)
+        fields = HeaderFields(path, "activation profile", meta, hint)
+        prompts = fields.json("prompts", list)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise fields.damaged("'prompts' should be a non-empty list of strings")
+        if fields.text("prompts_hash") != prompts_hash(prompts):
+            raise fields.damaged("its prompts do not match their hash")
+        positions = fields.text("positions")
+        if positions not in ("last", "all"):
+            raise fields.damaged(f"'positions' should be 'last' or 'all', not {positions[:20]!r}")
+        return cls(acts=_profile_acts(fields, tensors, len(prompts)), model=fields.json("model", dict),
+                   prompts=prompts, positions=positions, row_prompt=tensors["row_prompt"])
+
+
+def _profile_acts(fields: HeaderFields, tensors: dict[str, torch.Tensor], n_prompts: int) -> dict[int, torch.Tensor]:
+    """``resid.0 … resid.{L-1}``: float [n_rows, d] each, rows aligned with ``row_prompt``."""
+    row_prompt = tensors.get("row_prompt")
+    if row_prompt is None or row_prompt.dtype != torch.int64 or row_prompt.ndim != 1:
+        raise fields.damaged("it has no int64 'row_prompt' tensor of one dimension")
+    if row_prompt.numel() == 0 or int(row_prompt.min()) < 0 or int(row_prompt.max()) >= n_prompts:
+        raise fields.damaged(f"'row_prompt' should hold prompt indices 0..{n_prompts - 1}")
+    names = sorted(k for k in tensors if k != "row_prompt")
+    layers = [f"resid.{i}" for i in range(len(names))]
+    if not names or sorted(layers) != names:
+        raise fields.damaged(f"its tensors should be resid.0 .. resid.N and row_prompt, not {', '.join(names[:4])}")
+    acts = {i: tensors[name] for i, name in enumerate(layers)}
+    shape = (row_prompt.numel(), acts[0].shape[-1] if acts[0].ndim == 2 else -1)
+    for i, a in acts.items():
+        if not a.is_floating_point() or tuple(a.shape) != shape or shape[1] < 1:
+            raise fields.damaged(f"resid.{i} should be a float tensor of shape {list(shape)}, not {a.dtype} {list(a.shape)}")
+        if not bool(torch.isfinite(a).all()):
+            raise fields.damaged(f"resid.{i} holds NaN or infinite values")
+    return acts
 
 
 def profile_model(
@@ -92,7 +124,8 @@ def cached_profile(model, prompts: Sequence[str], *, positions: str = "last", ca
     if path.is_file():
         try:
             cached = ActivationProfile.load(path)
-            if cached.model.get("weights_hash") == weights:
+            if (cached.model.get("weights_hash") == weights and cached.prompts == list(prompts)
+                    and cached.positions == positions):
                 return cached
         except ActlabError:
             pass  # a damaged cache entry is simply recomputed
