@@ -135,3 +135,31 @@ def test_the_store_reads_through_open_tensors(tmp_path):
     with open_tensors(store.shard_paths()[0]) as f:
         assert set(f.keys()) == {"resid.0", "token_ids", "doc_ids", "positions"}
         assert torch.equal(f.get_tensor("resid.0"), Store(tmp_path / "s")["resid.0"][:])
+
+
+def test_stats_files_carry_a_checksum_that_load_checks(tmp_path):
+    """A stats file is a user file too: its header holds the content checksum, a flipped value is
+    refused on load, and a file without the checksum (written before it existed) still loads."""
+    from actlab.errors import ActlabError
+    from actlab.files import CHECKSUM_KEY
+
+    sink = StatsSink({"a": 4}, topk=2)
+    x = torch.randn(30, 4, generator=torch.Generator().manual_seed(2))
+    sink.consume(TokenBatch(acts={"a": x}, token_ids=torch.arange(30), doc_ids=torch.zeros(30, dtype=torch.long),
+                            positions=torch.arange(30)))
+    path = sink.save(tmp_path / "stats.safetensors")
+    meta = metadata_of(path)
+    assert json.loads(meta["actlab"])[CHECKSUM_KEY].startswith("sha256:")
+    tensors = load_file(str(path))
+    name = sorted(k for k in tensors if tensors[k].is_floating_point())[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] += 1.0
+    damaged = tmp_path / "damaged.safetensors"
+    save_file(tensors, str(damaged), metadata=meta)
+    with pytest.raises(ActlabError, match="checksum mismatch"):
+        StatsSink.load(damaged)
+    legacy = tmp_path / "legacy.safetensors"
+    header = json.loads(meta["actlab"])
+    del header[CHECKSUM_KEY]
+    save_file(load_file(str(path)), str(legacy), metadata={"actlab": json.dumps(header, sort_keys=True)})
+    assert StatsSink.load(legacy).summary() == sink.summary()

@@ -146,12 +146,19 @@ def load_tensors(path: str | Path, fmt: str, what: str, hint: str = "") -> tuple
         raise ActlabError(f"'{path}' is not a readable {what} file ({brief(exc)}); was it written by actlab?") from None
     if metadata.get("format") != fmt:
         raise ActlabError(f"'{path}' is not an actlab {what} file (format: {brief(metadata.get('format'))})")
-    stored = metadata.get(CHECKSUM_KEY)
-    if stored is not None:  # files written before the checksum existed have none
-        if not _CHECKSUM_RE.match(stored) or stored != content_sha256(tensors, metadata):
-            raise ActlabError(f"{what} file '{path}' is damaged (checksum mismatch): re-create it{then}")
+    check_checksum(path, tensors, metadata, what, then)
     # loaded tensors can sit at unaligned addresses; a copy makes kernels (and results) identical to the originals
     return {k: v.clone() for k, v in tensors.items()}, metadata
+
+
+def check_checksum(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], what: str,
+                   then: str = "") -> None:
+    """Refuse a file whose ``checksum`` header does not match its content; files written before the
+    checksum existed have none and pass."""
+    stored = metadata.get(CHECKSUM_KEY)
+    if stored is not None:
+        if not isinstance(stored, str) or not _CHECKSUM_RE.match(stored) or stored != content_sha256(tensors, metadata):
+            raise ActlabError(f"{what} file '{path}' is damaged (checksum mismatch): re-create it{then}")
 
 
 def brief(value: Any, limit: int = 120) -> str:

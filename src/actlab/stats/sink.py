@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from actlab.errors import ActlabError
-from actlab.files import open_tensors, save_tensors
+from actlab.files import CHECKSUM_KEY, check_checksum, content_sha256, open_tensors, save_tensors
 from actlab.stats.channel import STATE_FIELDS, ChannelStats
 
 if TYPE_CHECKING:  # no runtime import: the engine may import this module
@@ -151,7 +151,8 @@ class StatsSink:
         if metadata is not None and not isinstance(metadata, dict):
             raise ActlabError(f"metadata must be a dict, got {type(metadata).__name__}")
         try:
-            header = json.dumps(self.header(metadata), sort_keys=True, allow_nan=False)
+            header_fields = self.header(metadata)
+            header = json.dumps(header_fields, sort_keys=True, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise ActlabError(
                 f"stats metadata must be JSON-serialisable (strings, numbers, lists, dicts): {e}"
@@ -163,7 +164,9 @@ class StatsSink:
         if path.parent and not path.parent.exists():
             raise ActlabError(f"cannot write {path}: directory {path.parent} does not exist")
         try:
-            save_tensors(path, tensors, None, {HEADER_KEY: header})
+            # the checksum lives inside the one JSON header, so the file keeps a single metadata key
+            header_fields[CHECKSUM_KEY] = content_sha256(tensors, {HEADER_KEY: header})
+            save_tensors(path, tensors, None, {HEADER_KEY: json.dumps(header_fields, sort_keys=True, allow_nan=False)})
         except OSError as e:
             raise ActlabError(f"cannot write stats file {path}: {e}") from None
         return path
@@ -211,6 +214,7 @@ class StatsSink:
                 f"{path} uses stats format version {version}, newer than this actlab "
                 f"({_actlab_version()}) understands ({FORMAT_VERSION}); upgrade actlab"
             )
+        _check_stats_checksum(path, tensors, header)
         sites, config = header.get("sites"), header.get("config")
         if not isinstance(sites, dict) or not sites or not isinstance(config, dict):
             raise ActlabError(f"{bad}: header lacks the 'sites' / 'config' objects")
@@ -248,3 +252,17 @@ def _load_sites(path: Path, bad: str, sites: dict, config: dict, tensors: dict[s
         except (TypeError, ValueError, OverflowError) as e:
             raise ActlabError(f"{bad}: site {site!r} has a bad stats config ({type(e).__name__}: {str(e)[:100]})") from None
     return stats
+
+
+def _check_stats_checksum(path: Path, tensors: dict[str, torch.Tensor], header: dict) -> None:
+    """The checksum sits inside the JSON header; it covers the tensors and the rest of the header as
+    ``save`` serialised it. Files written before the checksum existed have none and pass."""
+    if CHECKSUM_KEY not in header:
+        return
+    stored = header.pop(CHECKSUM_KEY)
+    try:
+        rest = json.dumps(header, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError):  # a header save could never have written
+        rest = ""
+    check_checksum(path, tensors, {HEADER_KEY: rest, CHECKSUM_KEY: stored}, "stats", "; re-run the stats computation")
+
