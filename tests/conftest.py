@@ -34,3 +34,13 @@ def minilm():
     import actlab
 
     return actlab.load(str(path))
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """A tiny random Llama (tests/tiny_models.py), built once per test module; modules that need
+    another model under this name define their own fixture."""
+    from tiny_models import tiny_model
+
+    return tiny_model("llama")
+

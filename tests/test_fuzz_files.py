@@ -122,11 +122,6 @@ def attempt(fn, *args, **kwargs):
 
 # ------------------------------------------------------------------ stores
 @pytest.fixture(scope="module")
-def llama():
-    return tiny_model("llama")
-
-
-@pytest.fixture(scope="module")
 def reference(llama, tmp_path_factory) -> Path:
     ref = tmp_path_factory.mktemp("fuzzref") / "store"
     record(llama, DOCS, SITES, ref, **PARAMS)

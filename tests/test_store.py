@@ -33,11 +33,6 @@ def make_docs(n: int = 24) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def llama():
-    return tiny_model("llama")
-
-
-@pytest.fixture(scope="module")
 def docs():
     return make_docs()
 

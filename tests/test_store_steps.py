@@ -12,15 +12,9 @@ from actlab.store import MANIFEST_NAME, RecordConfig, Store, finalise_record, pl
 from actlab.store._files import DirLock, sha256_file
 from actlab.store.manifest import marker_name, shard_name
 from test_store import SITES, assert_same_store, make_docs
-from tiny_models import tiny_model
 
 PARAMS = dict(shard_tokens=60)
 BATCH = 4
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return tiny_model("llama")
 
 
 @pytest.fixture(scope="module")

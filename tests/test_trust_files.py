@@ -131,11 +131,6 @@ def rewrite_tensors(path: Path, *, tensors=None, metadata=None, checksum: str = 
 
 # ------------------------------------------------------------------ a reference store
 @pytest.fixture(scope="module")
-def llama():
-    return tiny_model("llama")
-
-
-@pytest.fixture(scope="module")
 def reference(llama, tmp_path_factory) -> Path:
     ref = tmp_path_factory.mktemp("ref") / "store"
     store = record(llama, DOCS, SITES, ref, **PARAMS)
