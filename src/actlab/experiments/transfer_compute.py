@@ -15,11 +15,7 @@ import torch
 from actlab.interventions.types import LowRankAdapter
 from actlab.linalg import LAMBDA_GRID
 
-__all__ = ["compute_accounting", "n_params", "n_tokens"]
-
-
-def n_params(model) -> int:
-    return int(model.n_params)
+__all__ = ["compute_accounting", "n_tokens"]
 
 
 def n_tokens(model, texts: Sequence[str]) -> int:
@@ -50,7 +46,7 @@ def _adapter_flops(model, data, adapter: LowRankAdapter, batch_size: int, steps:
 
     _, examples = encode_lm_data(model, data)
     mean_len = float(np.mean([len(p) + len(c) for p, c in examples]))
-    P = n_params(model)
+    P = model.n_params
     p = adapter.params
     steps_run = int(p.get("steps_run", steps))
     eval_every = max(1, min(25, steps // 20))
@@ -64,7 +60,7 @@ def _direct_flops(recipient, config, data, direct) -> float:
     if config.kind == "vector":
         c = data.contrast
         texts = [p + x for side in (c.pos, c.neg) for p, x in zip(c.prompts, side)]
-        return 2.0 * n_params(recipient) * n_tokens(recipient, texts)
+        return 2.0 * recipient.n_params * n_tokens(recipient, texts)
     return _adapter_flops(recipient, data.adapter_data, direct, config.adapter_batch_size, config.steps)
 
 
@@ -73,7 +69,7 @@ def compute_accounting(donor, recipient, config, data, transfer, direct, timings
     evaluation's ``EvalData``, ``transfer`` its ``PasteResult``, ``timings`` the fit seconds and method."""
     profile_prompts = data.profile_prompts
     d_prof, r_prof, converters = transfer.donor_profile, transfer.recipient_profile, transfer.converters
-    profile_flops = sum(2.0 * n_params(m) * n_tokens(m, profile_prompts) for m in (donor, recipient))
+    profile_flops = sum(2.0 * m.n_params * n_tokens(m, profile_prompts) for m in (donor, recipient))
     paste_flops = profile_flops + _converter_flops(converters, d_prof, r_prof)
     s = transfer.seconds
     profile_seconds = s["donor_profile"] + s["recipient_profile"]
