@@ -3,18 +3,18 @@
     .venv/bin/python benchmarks/converter_fit.py [--prompts 1000] [--repeats 5] [--threads 1] [--json FILE]
 
 Profiles demo-llama (donor, 4 × 256) and demo-gpt2 (recipient, 6 × 192) once on ``--prompts``
-prompts (``actlab.experiments.genre_data.default_profile_prompts`` with enough held-out openings per
-genre to reach the count), then times ``fit_converters`` for **all** layers of the donor (4 pairs
+texts (the default profile set ``actlab.datasets.profile_texts()``, 823 texts, topped up with lines of the
+bundled neutral text to reach the count), then times ``fit_converters`` for **all** layers of the donor (4 pairs
 matched by relative depth, both directions: 8 ridge fits with λ chosen on held-out rows) — the
 median of ``--repeats`` runs, in wall and process-CPU seconds — for
 
-* ``last``: one row per prompt (the last prompt token; ``actlab paste`` default) with
-  ``fit_converters``' own λ grid (11 values) — the issue's "1000 prompts × all layers", target < 10 s;
-* ``all``: every token of every prompt (both models share a tokenizer), same grid;
-* ``all, λ ≥ 0.1``: every token, the 5-value grid ``evaluate_transfer`` uses (``PASTE_LAMBDAS``).
+* ``last``: one row per text (the last token) with ``fit_converters``' own λ grid (11 values);
+* ``all``: every token of every text (both models share a tokenizer), same grid;
+* ``all, λ ≥ 0.1``: every token, the 5-value grid ``actlab paste run`` uses by default (``PASTE_LAMBDAS``) —
+  the issue's "1000 prompts × all layers", target < 10 s.
 
 For comparison it times (median of ``--repeats``, one run each) what pasting replaces: training the
-rank-4 LoReFT adapter directly on the recipient (``train_adapter`` at resid.2, 64 genre pairs,
+rank-4 LoReFT adapter directly on the recipient (``train_adapter`` at resid.2, 64 techdoc passages,
 200 steps, early stopping as in the evaluation, and again with the full 200 steps), and the one-off
 profiling forward passes. One torch thread by default (the machine is shared).
 """
@@ -52,14 +52,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import actlab
-    from actlab.datasets import default_prompts
+    from actlab.datasets import genres, profile_texts
     from actlab.interventions.adapter_train import train_adapter
-    from actlab.experiments.genre_data import adapter_data, default_profile_prompts, genre_setup
+    from actlab.experiments.genre_data import adapter_data, split_setup
     from actlab.transfer import PASTE_LAMBDAS, fit_converters, fit_paste_converters, profile_model
 
     donor, recipient = actlab.load("demo-llama"), actlab.load("demo-gpt2")
-    per_genre = max(0, -(-(args.prompts - len(default_prompts())) // 5))
-    prompts = default_profile_prompts(n_per_genre=per_genre)[: args.prompts]
+    prompts = (profile_texts() + genres.neutral())[: args.prompts]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {len(prompts)} profile prompts; "
           f"donor {donor.name} ({donor.n_layers} × {donor.d_model}), recipient {recipient.name} "
           f"({recipient.n_layers} × {recipient.d_model})")
@@ -92,10 +91,10 @@ def main() -> None:
               f"held-out R² R→D/D→R {', '.join(r2)}")
         results[f"fit_{label}"] = {"rows": rows, "wall_seconds": wall, "cpu_seconds": cpu, "report": conv.report()}
 
-    setup = genre_setup("scripture")
+    setup = split_setup("techdoc", "tune", 0)
     data = adapter_data(setup.contrast)
     site = "resid.2"
-    print(f"\ntraining the adapter directly on {recipient.name} {site} (rank 4, {len(data)} pairs), "
+    print(f"\ntraining the adapter directly on {recipient.name} {site} (rank 4, {len(data)} texts), "
           f"median of {args.adapter_repeats}:")
     for label, kwargs in (("early stopping (as evaluated)", {}), ("full 200 steps", {"patience": 0})):
         wall, cpu, adapter = timed(lambda: train_adapter(recipient, data, site, rank=4, steps=200, **kwargs),

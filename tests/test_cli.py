@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from actlab.cli import app
@@ -119,6 +120,37 @@ def test_steer_fit_paste_run_generate(tmp_path):
                   "--max-new-tokens", "6").exit_code == 0
     refused = runner.invoke(app, ["generate", "demo-gpt2", "x", "--edit", f"{vec}:1"])
     assert refused.exit_code == 2 and "paste" in refused.output
+
+
+@pytest.mark.slow
+def test_paste_run_defaults_are_the_librarys(tmp_path):
+    """No flags beyond the files: `steer fit` acts at the middle layer and `paste run` profiles the bundled
+    profile texts at every token (the tokenizers agree), exactly as ``paste_between`` does by default, and
+    prints the expected effect ratio before anything is sampled."""
+    import actlab
+    from actlab.experiments.genre_data import passage_contrast
+    from actlab.interventions import load_interventions
+    from actlab.transfer import paste_between
+
+    contrast = passage_contrast("techdoc", "tune", seed=0, n=16)
+    pos, neg = tmp_path / "pos.txt", tmp_path / "neg.txt"
+    pos.write_text("\n".join(t.replace("\n", " ") for t in contrast.pos) + "\n")
+    neg.write_text("\n".join(t.replace("\n", " ") for t in contrast.neg) + "\n")
+    vec, pasted = tmp_path / "vec.safetensors", tmp_path / "pasted.safetensors"
+    assert invoke("steer", "fit", "demo-llama", "--pos", pos, "--neg", neg, "-o", vec).exit_code == 0
+    cache = tmp_path / "cache"
+    result = invoke("paste", "run", "--donor", "demo-llama", "--recipient", "demo-gpt2", "--intervention", vec,
+                    "-o", pasted, "--cache-dir", cache)
+    assert result.exit_code == 0, result.output
+    assert "expected effect ratio" in result.output
+    donor, recipient = actlab.load("demo-llama"), actlab.load("demo-gpt2")
+    edit = load_interventions(vec, donor)
+    assert edit.site == "resid.1"  # resid.mid of a 4-layer model
+    want = paste_between(donor, recipient, edit, cache_dir=cache)
+    got = load_interventions(pasted, recipient)
+    assert want.positions == "all" and got.site == want.pasted.site == "resid.2"
+    assert torch.equal(got.vector, want.pasted.vector)
+    assert 0 < got.params["expected_ratio"] <= 1
 
 
 @pytest.mark.slow

@@ -81,3 +81,43 @@ def test_fit_affine_uses_the_shared_solver():
     assert fit.ridge == 1e-6
     torch.testing.assert_close(fit.weight, w, atol=1e-3, rtol=0)
     torch.testing.assert_close(fit(x), x @ w + 1.5, atol=0, rtol=1e-4)
+
+
+def _reference_ridge(x, y, lambdas, holdout=0.2, seed=0, center=True):
+    """The textbook fit: centre, solve for every λ, predict the held-out rows, refit on all rows."""
+    x, y = x.double(), y.double()
+    n = x.shape[0]
+    train, val = linalg.split_indices(n, linalg.held_out_count(n, holdout, at_least=1), seed, sort=False)
+
+    def system(rows):
+        xm = x[rows].mean(0) if center else torch.zeros(x.shape[1], dtype=x.dtype)
+        ym = y[rows].mean(0) if center else torch.zeros(y.shape[1], dtype=y.dtype)
+        g = (x[rows] - xm).T @ (x[rows] - xm)
+        return xm, ym, g, (x[rows] - xm).T @ (y[rows] - ym), float(torch.diagonal(g).mean())
+
+    xm, ym, g, c, scale = system(train)
+    errs = []
+    for lam in lambdas:
+        pred = (x[val] - xm) @ linalg.ridge_solve(g, c, lam * scale) + ym
+        errs.append((float(((pred - y[val]) ** 2).mean()), lam, linalg.r2_score(pred, y[val])))
+    _, lam, r2 = min(errs, key=lambda e: e[0])
+    xm, ym, g, c, scale = system(torch.arange(n))
+    w = linalg.ridge_solve(g, c, lam * scale)
+    return w, xm, ym, lam, r2, linalg.r2_score((x - xm) @ w + ym, y)
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_fit_ridge_by_sums_equals_the_textbook_fit(center):
+    """The one-pass fit (held-out errors and the refit from sums) gives the textbook fit's λ, weights and R²,
+    also with a large offset in the data (residual streams have big means) and a near-exact relation."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(900, 12, generator=gen) * torch.linspace(0.05, 3, 12) + 40.0
+    for noise in (1.0, 1e-4):
+        y = x @ torch.randn(12, 5, generator=gen) + 7.0 + noise * torch.randn(900, 5, generator=gen)
+        fit = linalg.fit_ridge(x, y, center=center)
+        w, xm, ym, lam, r2, train_r2 = _reference_ridge(x, y, linalg.LAMBDA_GRID, center=center)
+        assert fit.lam == lam
+        torch.testing.assert_close(fit.weight, w, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(fit.x_mean, xm, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(fit.y_mean, ym, rtol=1e-9, atol=1e-9)
+        assert fit.r2 == pytest.approx(r2, abs=1e-9) and fit.train_r2 == pytest.approx(train_r2, abs=1e-9)

@@ -65,6 +65,7 @@ def test_selectors():
     assert model.resolve("resid.*") == ["resid.0", "resid.1", "resid.2"]
     assert model.resolve("mlp.hidden.1-2") == ["mlp.hidden.1", "mlp.hidden.2"]
     assert model.resolve("resid.-1") == ["resid.2"]
+    assert model.resolve("resid.mid") == ["resid.1"] and model.resolve("mlp.hidden.mid") == ["mlp.hidden.1"]  # 1/3, 2/3 tie
     assert model.resolve(["resid.0,attn.0", "embed"]) == ["embed", "resid.0", "attn.0"]
 
 
@@ -167,3 +168,10 @@ def test_input_site_rule():
     assert model.resolve("mlp.in.-1") == ["mlp.in.2"]
     with pytest.raises(ActlabError, match="input_site"):
         model.sitemap.input_site("attn.1")
+
+
+def test_the_middle_layer_is_nearest_half_depth():
+    from actlab.models.sites import middle_layer
+
+    # (i + 1) / n nearest 1/2, exact ties to the deeper: demo-llama (4 layers) 1, demo-gpt2 (6) 2
+    assert [middle_layer(n) for n in (1, 2, 3, 4, 5, 6, 32)] == [0, 0, 1, 1, 2, 2, 15]

@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import actlab
 from actlab.errors import ActlabError
+from actlab.experiments.known_pairs import rotated_copy
 from actlab.interventions import AffineMap, LowRankAdapter, SteeringVector, load_interventions
 from actlab.transfer import (
     ActivationProfile, ConverterSet, adapter_as_affine, fit_converters, fit_linear_map, match_layers_by_depth,
@@ -43,45 +43,9 @@ def test_ridge_recovers_an_affine_relation_and_reports_heldout_r2():
     assert 0 < noisy.r2 < 0.9 and noisy.lam > 0  # noise: held-out R² says so, and λ is never zero
 
 
-def _rotated_copy(hf, seed=0):
-    """The same tiny Llama with its residual stream in another orthonormal basis: h' = h Q.
-
-    RMSNorm gains are folded into the linear layers that read the normalised stream, so the norm
-    commutes with Q; every weight reading the residual becomes W Q, every weight writing it Qᵀ W.
-    """
-    donor = copy.deepcopy(hf)
-    d = donor.config.hidden_size
-    with torch.no_grad():
-        for layer in donor.model.layers:
-            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                lin.weight.mul_(layer.input_layernorm.weight)
-            for lin in (layer.mlp.gate_proj, layer.mlp.up_proj):
-                lin.weight.mul_(layer.post_attention_layernorm.weight)
-            layer.input_layernorm.weight.fill_(1.0)
-            layer.post_attention_layernorm.weight.fill_(1.0)
-        donor.lm_head.weight = nn.Parameter(donor.lm_head.weight * donor.model.norm.weight)
-        donor.model.norm.weight.fill_(1.0)
-    recipient = copy.deepcopy(donor)
-    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed)))
-    with torch.no_grad():
-        recipient.model.embed_tokens.weight.copy_(donor.model.embed_tokens.weight @ q)
-        for layer in recipient.model.layers:
-            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
-                        layer.mlp.up_proj):
-                lin.weight.copy_(lin.weight @ q)
-            for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
-                lin.weight.copy_(q.T @ lin.weight)
-        recipient.lm_head.weight = nn.Parameter(donor.lm_head.weight @ q)
-    return donor, recipient, q
-
-
 def test_paste_is_exact_under_a_change_of_basis():
-    hf = copy.deepcopy(tiny_hf_model("llama"))
-    hf.config.tie_word_embeddings = False
-    donor_hf, recipient_hf, q = _rotated_copy(hf)
-    donor = actlab.load(donor_hf, tokenizer=ByteTokenizer())
-    recipient = actlab.load(recipient_hf, tokenizer=ByteTokenizer())
-    recipient.name = "rotated"
+    donor = actlab.load(tiny_hf_model("llama"), tokenizer=ByteTokenizer())
+    recipient, q = rotated_copy(donor)  # the same function, residual stream h Q
     with donor.capture("resid.1") as a, recipient.capture("resid.1") as b:
         donor("check the basis"), recipient("check the basis")
     torch.testing.assert_close(a["resid.1"] @ q, b["resid.1"], rtol=1e-4, atol=1e-5)
@@ -177,6 +141,49 @@ def test_deattenuation_restores_the_length_regression_loses_to_noise():
     assert all(1.0 <= g <= 1.2 + 1e-6 for g in capped.params["deattenuation"]["gains"])
     with pytest.raises(ActlabError, match="max_gain"):
         paste(adapter, conv, max_gain=0.5)
+    # the expected effect ratio reads the same maths off the converters: the shared correlation along the
+    # vector is the reliability (0.5 here), so the plain paste is expected to carry 0.5 of the length (as
+    # measured above), the paste de-attenuated with room (gain 2 ≤ 3) all of it, the capped one 0.5 × 1.5
+    vec = SteeringVector("resid.0", vector=v)
+    rho = paste(vec, conv, deattenuate=False).params["shared_correlations"][0]
+    assert abs(rho - 0.5) < 0.05
+    assert paste(vec, conv, deattenuate=False).params["expected_ratio"] == pytest.approx(rho, abs=1e-4)
+    assert paste(vec, conv, max_gain=3.0).params["expected_ratio"] == pytest.approx(1.0, abs=1e-3)
+    assert paste(vec, conv).params["expected_ratio"] == pytest.approx(1.5 * rho, abs=1e-3)
+
+
+def test_calibration_gives_a_pasted_adapter_the_donors_relative_size():
+    """``calibrate_scale``: a pasted affine edit is rescaled (in its weights, coefficient untouched) so its mean
+    |Δ|/|h| on the recipient's rows equals the donor edit's on the donor's; a vector is left alone."""
+    from actlab.transfer import calibrate_scale
+    from actlab.transfer.profiles import ActivationProfile
+
+    gen = torch.Generator().manual_seed(3)
+    n, d = 400, 8
+    h_d = torch.randn(n, d, generator=gen) * 3 + 1
+    h_r = h_d @ torch.randn(d, 6, generator=gen) + 0.3 * torch.randn(n, 6, generator=gen)
+
+    def prof(h, name):
+        return ActivationProfile(acts={0: h}, model={"model_name": name}, prompts=[str(i) for i in range(n)],
+                                 positions="last", row_prompt=torch.arange(n))
+
+    d_prof, r_prof = prof(h_d, "donor"), prof(h_r, "recipient")
+    conv = fit_converters(d_prof, r_prof, lambdas=[0.1])
+    R = torch.linalg.qr(torch.randn(d, 2, generator=gen))[0].T.contiguous()
+    adapter = LowRankAdapter("resid.0", R=R, W=torch.randn(2, d, generator=gen), b=torch.randn(2, generator=gen)) * 0.7
+    pasted = paste(adapter, conv)
+    fixed = calibrate_scale(adapter, pasted, d_prof, r_prof)
+
+    def rel(edit, h):
+        return float(((edit.coef * edit.delta(h)).norm(dim=-1) / h.norm(dim=-1)).mean())
+
+    assert fixed.coef == pasted.coef == pytest.approx(0.7)
+    assert rel(fixed, h_r) == pytest.approx(rel(adapter, h_d), rel=1e-5)
+    factor = fixed.params["scale_calibration"]
+    assert factor == pytest.approx(rel(adapter, h_d) / rel(pasted, h_r), rel=1e-3) and abs(factor - 1) > 0.01
+    torch.testing.assert_close(fixed.delta(h_r), pasted.delta(h_r) * factor, rtol=1e-3, atol=1e-4)
+    vec = SteeringVector("resid.0", vector=torch.randn(d, generator=gen))
+    assert torch.equal(calibrate_scale(vec, paste(vec, conv), d_prof, r_prof).vector, paste(vec, conv).vector)
 
 
 def test_profile_cache_tells_retrained_weights_apart(tmp_path):
@@ -226,8 +233,9 @@ def test_paste_between_is_profiles_converters_paste(tmp_path):
     vector = SteeringVector("resid.1", vector=torch.randn(32, generator=torch.Generator().manual_seed(5)),
                             model=donor.identity())
     result = paste_between(donor, recipient, vector, PROMPTS[:60], PasteConfig(cache_dir=tmp_path), max_gain=1.2)
-    d_prof = cached_profile(donor, PROMPTS[:60], cache_dir=tmp_path)
-    r_prof = cached_profile(recipient, PROMPTS[:60], cache_dir=tmp_path)
+    assert result.positions == "all" and not result.notes  # "auto": the two byte tokenizers agree
+    d_prof = cached_profile(donor, PROMPTS[:60], positions="all", cache_dir=tmp_path)
+    r_prof = cached_profile(recipient, PROMPTS[:60], positions="all", cache_dir=tmp_path)
     conv = fit_converters(d_prof, r_prof, min_lambda=0.1)
     want = paste(vector, conv, recipient, max_gain=1.2)
     assert result.pasted.site == want.site and torch.equal(result.pasted.vector, want.vector)
@@ -236,3 +244,29 @@ def test_paste_between_is_profiles_converters_paste(tmp_path):
         "donor_profile", "recipient_profile", "converters", "paste"}
     with pytest.raises(ActlabError, match="unknown PasteConfig"):
         paste_between(donor, recipient, vector, PROMPTS[:60], min_lamda=0.1)
+
+
+def test_auto_positions_fall_back_to_the_last_token_across_tokenizers():
+    """"auto" profiles every token only when both tokenizers cut the prompts alike; "all" across
+    different tokenizers is refused (rows would not align), "last" is always allowed."""
+    from types import SimpleNamespace
+
+    from actlab.transfer.profiles import resolve_positions
+
+    class Shifted(ByteTokenizer):
+        def __call__(self, texts, **kw):
+            out = super().__call__(texts, **kw)
+            out["input_ids"] = [[t + 1 for t in ids] for ids in out["input_ids"]]
+            return out
+
+    a = SimpleNamespace(name="a", tokenizer=ByteTokenizer())
+    b = SimpleNamespace(name="b", tokenizer=ByteTokenizer())
+    c = SimpleNamespace(name="c", tokenizer=Shifted())
+    assert resolve_positions("auto", a, b, PROMPTS[:5]) == ("all", None)
+    positions, note = resolve_positions("auto", a, c, PROMPTS[:5])
+    assert positions == "last" and "tokenize differently" in note
+    assert resolve_positions("last", a, c, PROMPTS[:5]) == ("last", None)
+    with pytest.raises(ActlabError, match="tokenize the profile prompts differently"):
+        resolve_positions("all", a, c, PROMPTS[:5])
+    with pytest.raises(ActlabError, match="auto, all, last"):
+        resolve_positions("every", a, b, PROMPTS[:5])

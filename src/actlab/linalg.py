@@ -77,18 +77,53 @@ class RidgeFit:
         return (x.double() - self.x_mean) @ self.weight + self.y_mean
 
 
-def _centred_system(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, center: bool):
-    xm = x[rows].mean(0) if center else torch.zeros(x.shape[1], dtype=x.dtype)
-    ym = y[rows].mean(0) if center else torch.zeros(y.shape[1], dtype=y.dtype)
-    xc, yc = x[rows] - xm, y[rows] - ym
-    gram = xc.T @ xc
-    return xm, ym, gram, xc.T @ yc, float(torch.diagonal(gram).mean().clamp_min(1e-30))
+@dataclass
+class _Moments:
+    """Sums of a row subset around a common shift: enough to score any linear map on those rows exactly."""
+
+    n: int
+    sx: torch.Tensor  # [d_in] Σ x
+    sy: torch.Tensor  # [d_out] Σ y
+    xx: torch.Tensor  # [d_in, d_in] Σ x xᵀ
+    xy: torch.Tensor  # [d_in, d_out] Σ x yᵀ
+    yy: torch.Tensor  # [d_out] Σ y² per column
+
+    @classmethod
+    def of(cls, x: torch.Tensor, y: torch.Tensor) -> "_Moments":
+        return cls(x.shape[0], x.sum(0), y.sum(0), x.T @ x, x.T @ y, (y * y).sum(0))
+
+    def __add__(self, other: "_Moments") -> "_Moments":
+        return _Moments(self.n + other.n, self.sx + other.sx, self.sy + other.sy, self.xx + other.xx,
+                        self.xy + other.xy, self.yy + other.yy)
+
+    def centred(self, center: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_mean, y_mean, gram, cross)`` of these rows (means zero when not centring)."""
+        xm = self.sx / self.n if center else torch.zeros_like(self.sx)
+        ym = self.sy / self.n if center else torch.zeros_like(self.sy)
+        gram = self.xx - torch.outer(self.sx, xm) - torch.outer(xm, self.sx) + self.n * torch.outer(xm, xm)
+        cross = self.xy - torch.outer(self.sx, ym) - torch.outer(xm, self.sy) + self.n * torch.outer(xm, ym)
+        return xm, ym, gram, cross
+
+    def sse(self, weight: torch.Tensor, xm: torch.Tensor, ym: torch.Tensor) -> float:
+        """Σ ‖y − ((x − xm) W + ym)‖² over these rows, from the sums alone."""
+        b = ym - xm @ weight  # prediction = x W + b
+        total = (self.yy.sum() - 2 * (weight * self.xy).sum() - 2 * (b * self.sy).sum()
+                 + (weight * (self.xx @ weight)).sum() + 2 * (self.sx @ weight * b).sum() + self.n * (b * b).sum())
+        return max(float(total), 0.0)
+
+    def sst(self) -> float:
+        """Σ ‖y − mean(y)‖² over these rows."""
+        return float(self.yy.sum() - (self.sy * self.sy).sum() / self.n)
 
 
 def fit_ridge(x: torch.Tensor, y: torch.Tensor, *, lambdas: Sequence[float] = LAMBDA_GRID, holdout: float = 0.2,
               seed: int = 0, center: bool = True) -> RidgeFit:
     """Ridge regression ``x → y`` in float64: λ (relative to the Gram matrix's mean diagonal) is the one with the
-    lowest held-out squared error on a seeded ``holdout`` split, then the map is refitted on every row."""
+    lowest held-out squared error on a seeded ``holdout`` split, then the map is refitted on every row.
+
+    One pass over the rows: the training and held-out rows' sums (around a common shift, for precision) give
+    every λ's held-out error, the refit on all rows and the training R² by algebra, so the cost is two Gram
+    products whatever the grid (Command-V fits 8–12 of these on ~30k token rows)."""
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
         raise ActlabError(f"ridge regression needs [n, d] inputs with the same n; got {tuple(x.shape)} and "
                           f"{tuple(y.shape)}")
@@ -96,16 +131,23 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, *, lambdas: Sequence[float] = LA
         raise ActlabError("no ridge λ given: pass at least one value")
     n = x.shape[0]
     x, y = x.double(), y.double()
+    shift_x, shift_y = (x.mean(0), y.mean(0)) if center else (torch.zeros(x.shape[1]).double(), torch.zeros(y.shape[1]).double())
+    xs, ys = x - shift_x, y - shift_y  # the sums below are taken around the overall means: no cancellation
     train, val = split_indices(n, held_out_count(n, holdout, at_least=1), seed, sort=False)
-    xm, ym, gram, cross, scale = _centred_system(x, y, train, center)
+    m_train, m_val = _Moments.of(xs[train], ys[train]), _Moments.of(xs[val], ys[val])
+    xm, ym, gram, cross = m_train.centred(center)
+    scale = float(torch.diagonal(gram).mean().clamp_min(1e-30))
+    sst_val = m_val.sst()
     best: tuple[float, float, float] | None = None
     for lam in lambdas:
-        pred = (x[val] - xm) @ ridge_solve(gram, cross, lam * scale) + ym
-        err = float(((pred - y[val]) ** 2).mean())
+        err = m_val.sse(ridge_solve(gram, cross, lam * scale), xm, ym)
         if best is None or err < best[1]:
-            best = (float(lam), err, r2_score(pred, y[val]))
+            best = (float(lam), err, 1.0 - err / sst_val if sst_val > 0 else float("nan"))
     lam, _, r2_val = best
-    xm, ym, gram, cross, scale = _centred_system(x, y, torch.arange(n), center)
+    everything = m_train + m_val
+    xm, ym, gram, cross = everything.centred(center)
+    scale = float(torch.diagonal(gram).mean().clamp_min(1e-30))
     weight = ridge_solve(gram, cross, lam * scale)
-    return RidgeFit(weight=weight, x_mean=xm, y_mean=ym, lam=lam, r2=r2_val,
-                    train_r2=r2_score((x - xm) @ weight + ym, y))
+    sst = everything.sst()
+    train_r2 = 1.0 - everything.sse(weight, xm, ym) / sst if sst > 0 else float("nan")
+    return RidgeFit(weight=weight, x_mean=xm + shift_x, y_mean=ym + shift_y, lam=lam, r2=r2_val, train_r2=train_r2)

@@ -15,8 +15,16 @@ from actlab.cli import (
 )
 from actlab.errors import ActlabError
 
+POSITIONS = ("auto", "all", "last")  # actlab.transfer.profiles.POSITIONS (not imported here: it pulls in torch)
 EFFECT_COLUMNS = ("donor site", "recipient site", "kind", "held-out R² R→D", "held-out R² D→R", "|Δ|/|h| donor",
-                  "|Δ|/|h| pasted")
+                  "|Δ|/|h| pasted", "expected ratio")
+
+
+def profile_prompt_list(path: Optional[Path]) -> list[str]:
+    """The profile prompts of a file (default: ``actlab.datasets.profile_texts()``)."""
+    from actlab.datasets import profile_texts
+
+    return profile_texts() if path is None else prompt_list(path)
 
 
 def parse_lambdas(text: str) -> Sequence[float] | None:
@@ -51,7 +59,7 @@ def paste_profile(
     one_of(positions, ("last", "all"), "--positions")
     at_least(batch_size, 1, "--batch-size")
     check_output_file(out)
-    texts = prompt_list(prompts)
+    texts = profile_prompt_list(prompts)
     m = load_model(model, device, dtype)
     profile = profile_model(m, texts, positions=positions, batch_size=batch_size, progress=True)
     profile.save(out)
@@ -65,12 +73,19 @@ def _print_paste(result, intervention: Path, donor: str, recipient: str, n_promp
         table.add_column(col, justify="right")
     for row in result.rows:
         table.add_row(row["donor_site"], row["recipient_site"], row["kind"], f"{row['r2_to_donor']:.3f}",
-                      f"{row['r2_to_recipient']:.3f}", f"{row['donor_rel_norm']:.3f}", f"{row['recipient_rel_norm']:.3f}")
+                      f"{row['r2_to_recipient']:.3f}", f"{row['donor_rel_norm']:.3f}", f"{row['recipient_rel_norm']:.3f}",
+                      f"{row['expected_ratio']:.2f}")
     console.print(table)
     for item in result.pasted.edits():
         gains = item.params.get("deattenuation", {}).get("gains")
+        shared = item.params.get("shared_correlations") or []
         if gains:
             console.print(f"{item.site}: de-attenuation gains {', '.join(f'{g:.2f}' for g in gains)} (cap {max_gain:g})")
+        console.print(f"{item.site}: expected effect ratio {item.params.get('expected_ratio', 1.0):.2f} of the recipient's "
+                      f"own intervention (shared correlation along the edit {', '.join(f'{r:.2f}' for r in shared)}; "
+                      "docs/transfer.md)")
+    for note in result.notes:
+        console.print(f"[yellow]note[/]: {escape(note)}")
 
 
 class PasteRunOptions:
@@ -80,9 +95,11 @@ class PasteRunOptions:
     recipient: str = typer.Option(..., help="Recipient model (receives the pasted intervention).")
     intervention: Path = typer.Option(..., help="Donor intervention file (steering vector, affine map or adapter at resid.{i}).")
     out: Path = typer.Option(..., "--out", "-o", help="Recipient intervention file to write.")
-    prompts: Optional[Path] = typer.Option(None, help="Profile prompt file (default: the bundled prompt set).")
+    prompts: Optional[Path] = typer.Option(None, help="Profile prompt file (default: the bundled profile texts, ~820 "
+                                                      "prompts and passages).")
     layer_map: Optional[str] = typer.Option(None, "--map", help="Explicit donor:recipient layer pairs, e.g. 0:0,2:3 (default: relative depth).")
-    positions: str = typer.Option("last", help="Profile positions: last or all.")
+    positions: str = typer.Option("auto", help="Profile positions: auto (every token when the two tokenizers agree, "
+                                               "else the last prompt token), all or last.")
     cache_dir: Path = typer.Option(Path(".actlab-cache"), help="Where profiles are cached between runs.")
     converters_out: Optional[Path] = typer.Option(None, help="Also save the fitted converters here.")
     min_lambda: Optional[float] = typer.Option(
@@ -92,6 +109,8 @@ class PasteRunOptions:
     deattenuate: bool = typer.Option(True, help="Restore the length the regression converters lose along the edit's "
                                                 "directions (geometric-mean slope; see docs/transfer.md).")
     max_gain: float = MaxGainOpt
+    calibrate: bool = typer.Option(True, help="Give pasted adapters / affine maps the donor edit's size relative to "
+                                              "the stream (steering vectors are left to the converters).")
     device: str = DeviceOpt
     dtype: str = DtypeOpt
 
@@ -100,7 +119,7 @@ def _check_paste_run(o: PasteRunOptions) -> None:
     """The options of ``paste run`` and its output paths, before any model is loaded."""
     from actlab.io import check_output_dir, check_output_file
 
-    one_of(o.positions, ("last", "all"), "--positions")
+    one_of(o.positions, POSITIONS, "--positions")
     at_least(o.max_gain, 1, "--max-gain")
     at_least(o.min_lambda, 0, "--min-lambda")
     check_output_file(o.out)
@@ -118,13 +137,14 @@ def paste_run(o: PasteRunOptions):
     from actlab.transfer import parse_layer_map, paste_between
 
     _check_paste_run(o)
-    texts = prompt_list(o.prompts)
+    texts = profile_prompt_list(o.prompts)
     d_model, r_model = load_model(o.donor, o.device, o.dtype), load_model(o.recipient, o.device, o.dtype)
     donor_edit = load_interventions(o.intervention, d_model)
     mapping = parse_layer_map(o.layer_map, d_model.n_layers, r_model.n_layers) if o.layer_map else None
     floor = {} if o.min_lambda is None else {"min_lambda": o.min_lambda}
     result = paste_between(d_model, r_model, donor_edit, texts, positions=o.positions, cache_dir=o.cache_dir,
-                           layer_map=mapping, deattenuate=o.deattenuate, max_gain=o.max_gain, progress=True, **floor)
+                           layer_map=mapping, deattenuate=o.deattenuate, max_gain=o.max_gain, calibrate=o.calibrate,
+                           progress=True, **floor)
     if o.converters_out is not None:
         result.converters.save(o.converters_out)
     result.pasted.save(o.out)
@@ -142,7 +162,7 @@ class PasteEvalOptions:
     genre: str = typer.Option("scripture", help="Target genre of the behaviour.")
     site: Optional[str] = typer.Option(None, help="Donor site (default: the middle layer).")
     coef: Optional[float] = typer.Option(None, help="Coefficient (default 0.5 for vectors, 1 for adapters).")
-    positions: str = typer.Option("all", help="Profile rows: all tokens (same tokenizer) or last token.")
+    positions: str = typer.Option("auto", help="Profile rows: auto (as paste run), all tokens or the last token.")
     lambdas: str = typer.Option("paste", help="Converter ridge grid: paste (λ ≥ 0.1), auto (full grid) or numbers.")
     prompts: int = typer.Option(80, help="Held-out prompts continued per condition.")
     samples: int = typer.Option(4, help="Samples per prompt.")
@@ -150,8 +170,8 @@ class PasteEvalOptions:
     seed: int = typer.Option(0, help="Sampling seed.")
     deattenuate: bool = typer.Option(True, help="De-attenuate the pasted (and random) interventions, as paste run does.")
     max_gain: float = MaxGainOpt
-    tune: bool = typer.Option(False, help="Score on the fitted pairs' own prompts (the tuning set) instead of the "
-                                          "held-out ones, to choose settings without touching the evaluation prompts.")
+    split: str = typer.Option("eval", help="Contrast texts and prompts from the tuning split (tune: for choosing "
+                                           "settings) or the evaluation split (eval).")
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for the JSON result and the bar chart.")
     name: Optional[str] = typer.Option(None, help="File stem under --out.")
 
@@ -162,13 +182,14 @@ class PasteEvalOptions:
 def paste_eval(o: PasteEvalOptions):
     """Validate Command-V: genre rate of the recipient with the pasted intervention vs its own directly fitted one
     vs a pasted random one vs none, with perplexity, converter R² and compute."""
-    from actlab.experiments.genre_data import tuning_prompts
+    from actlab.experiments.genre_data import SPLITS
     from actlab.experiments.transfer_eval import evaluate_transfer
     from actlab.experiments.transfer_results import write_result
     from actlab.io import check_output_dir
 
     one_of(o.kind, ("vector", "adapter"), "--kind")
-    one_of(o.positions, ("all", "last"), "--positions")
+    one_of(o.positions, POSITIONS, "--positions")
+    one_of(o.split, SPLITS, "--split")
     for value, option in ((o.prompts, "--prompts"), (o.samples, "--samples"), (o.tokens, "--tokens")):
         at_least(value, 1, option)
     at_least(o.seed, 0, "--seed")
@@ -180,7 +201,7 @@ def paste_eval(o: PasteEvalOptions):
                                donor_site=o.site, coef=o.coef, positions=o.positions, n_eval_prompts=o.prompts,
                                samples_per_prompt=o.samples, max_new_tokens=o.tokens,
                                converter_lambdas=lambdas, seed=o.seed, deattenuate=o.deattenuate,
-                               max_gain=o.max_gain, eval_prompts=tuning_prompts(o.genre, o.prompts) if o.tune else None,
+                               max_gain=o.max_gain, split=o.split,
                                progress=True)
     for line in result.summary_lines():
         console.print(line)

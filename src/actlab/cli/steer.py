@@ -40,7 +40,7 @@ def steer_fit(
     model: str = ModelArg,
     pos: Path = typer.Option(..., help="Positive examples: a text file, or a JSONL of pairs with prompt/pos/neg (then omit --neg)."),
     neg: Optional[Path] = typer.Option(None, help="Negative examples (text file)."),
-    site: str = typer.Option("resid.2", help="Site(s); several (e.g. resid.*) fits a vector per layer, or one joint affine map."),
+    site: str = typer.Option("resid.mid", help="Site(s): resid.mid is the middle layer; several (e.g. resid.*) fits a vector per layer, or one joint affine map."),
     method: str = typer.Option("mean-diff", help="mean-diff (CAA), pca, dims (top-m dimensions) or affine (LinEAS-style)."),
     aggregate: str = typer.Option("mean", help="Per-example activation: mean over the example's tokens, or last token."),
     dims: Optional[int] = typer.Option(None, help="Dimensions kept by --method dims (default d_model/16)."),
@@ -132,7 +132,7 @@ def _training_examples(data: Path) -> list:
 def adapter_train(
     model: str = ModelArg,
     data: Path = typer.Option(..., help="Training texts (.txt/.jsonl 'text'), or JSONL pairs with 'prompt' and 'completion'."),
-    site: str = typer.Option("resid.2", help="Residual site the adapter acts on."),
+    site: str = typer.Option("resid.mid", help="Residual site the adapter acts on (resid.mid: the middle layer)."),
     rank: int = typer.Option(4, help="Adapter rank r."),
     steps: int = typer.Option(200, help="Maximum optimisation steps (early stopping on a validation split)."),
     lr: float = typer.Option(1e-2, help="Learning rate."),

@@ -3,11 +3,17 @@
 Everything comes from the bundled sets (``actlab.datasets.genres``): steering data are the first
 ``n_fit`` contrast pairs toward a genre, evaluation prompts are prompts of the *other* pairs, the
 perplexity texts are lines of ``neutral.txt``, and the Command-V profile prompts are the bundled prompt
-set plus openings of held-out passages, none equal to an evaluation prompt.
+set plus a third of the held-out passages (``actlab.datasets.profile_texts``).
+
+The Command-V matrix (``split_setup``) keeps a *tuning* split apart from the *evaluation* split: the
+held-out passages are cut in three by position (profile / tune / eval) and the pair prompts in two by
+hash; every default is chosen on "tune" and reported on "eval".
 """
 
 from __future__ import annotations
 
+import hashlib
+import random
 from dataclasses import dataclass
 
 from actlab.errors import ActlabError
@@ -18,11 +24,12 @@ DEFAULT_NEUTRAL = 32
 DEFAULT_FIT_PAIRS = 64
 DEFAULT_EVAL_PROMPTS = 80  # Command-V evaluation prompts
 DEFAULT_TRANSFER_NEUTRAL = 16
-PROFILE_PER_GENRE = 60
-PROFILE_WORDS = 10
+SPLITS = ("tune", "eval")
+SPLIT_PART = {"tune": 1, "eval": 2}  # parts of the held-out passages (part 0: profile text)
 
 __all__ = [
-    "GenreSetup", "genre_setup", "evaluation_prompts", "tuning_prompts", "default_profile_prompts",
+    "GenreSetup", "genre_setup", "neutral_texts", "default_profile_prompts", "SPLITS",
+    "split_prompts", "split_passages", "passage_contrast", "split_setup",
     "adapter_training_data_for_genre", "adapter_data",
 ]
 
@@ -63,9 +70,7 @@ def genre_setup(target_genre: str = "techdoc", *, n_fit: int = DEFAULT_FIT_PAIRS
     if len(prompts) < n_prompts:  # top up with the distinct prompts of fitted pairs
         _distinct_prompts(fit_rows, prompts)
     prompts = prompts[:n_prompts]
-    neutral = genres.neutral()
-    step = max(1, len(neutral) // max(1, n_neutral))
-    neutral = neutral[::step][:n_neutral]
+    neutral = neutral_texts(n_neutral)
     if neutral_tokens is not None:
         neutral = [" ".join(t.split()[:neutral_tokens]) for t in neutral]
     contrast = ContrastSet(pos=[r["pos"] for r in fit_rows], neg=[r["neg"] for r in fit_rows],
@@ -73,38 +78,75 @@ def genre_setup(target_genre: str = "techdoc", *, n_fit: int = DEFAULT_FIT_PAIRS
     return GenreSetup(target_genre, contrast, prompts, neutral)
 
 
-def evaluation_prompts(target_genre: str, n_fit: int = DEFAULT_FIT_PAIRS, n: int = DEFAULT_EVAL_PROMPTS,
-                       n_neutral: int = DEFAULT_TRANSFER_NEUTRAL) -> tuple[GenreSetup, list[str]]:
-    """``(GenreSetup, prompts)``: the genre setup (fit on the first ``n_fit`` pairs) and up to ``n``
-    evaluation prompts from the other pairs that are not the prompt of any fitted pair (``genre_setup``
-    would top a short list up with fitted prompts; we do not)."""
-    setup = genre_setup(target_genre, n_fit=n_fit, n_prompts=10_000, n_neutral=n_neutral)
-    fitted = set(setup.contrast.prompts or [])
-    prompts = [p for p in setup.prompts if p not in fitted][:n]
-    if not prompts:
-        raise ActlabError(f"no contrast-pair prompts toward {target_genre!r} are left after the {n_fit} fitted "
-                          "pairs; lower n_fit")
-    return setup, prompts
+def neutral_texts(n: int) -> list[str]:
+    """``n`` evenly spaced lines of neutral.txt (mixed genres): the texts perplexity is measured on."""
+    from actlab.datasets import genres
+
+    lines = genres.neutral()
+    return lines[::max(1, len(lines) // max(1, n))][:n]
 
 
-def tuning_prompts(target_genre: str, n: int = DEFAULT_EVAL_PROMPTS) -> list[str]:
-    """The fitted pairs' own distinct prompts (at most ``n``): for choosing settings without touching the
-    evaluation prompts."""
-    return list(dict.fromkeys(evaluation_prompts(target_genre)[0].contrast.prompts))[:n]
+def default_profile_prompts() -> list[str]:
+    """The Command-V profile set every path uses by default (``actlab.datasets.profile_texts``)."""
+    from actlab.datasets import profile_texts
+
+    return profile_texts()
 
 
-def default_profile_prompts(n_per_genre: int = PROFILE_PER_GENRE, n_words: int = PROFILE_WORDS) -> list[str]:
-    """The bundled prompt set (``actlab.datasets.default_prompts()``, ~320 varied prompts) plus the
-    first ``n_words`` words of the first ``n_per_genre`` held-out passages of each of the five genres
-    (``heldout.jsonl``): 623 prompts by default, so the profile sees the genres' own registers as well
-    as everyday text. Deterministic order, no duplicates."""
-    from actlab.datasets import default_prompts
+# ------------------------------------------------------------------ tuning and evaluation splits
+def _split_of(text: str) -> str:
+    """A stable split for a prompt, by hash (so adding prompts never moves the old ones)."""
+    return SPLITS[int(hashlib.sha256(text.encode("utf-8")).hexdigest(), 16) % 2]
+
+
+def split_prompts(split: str) -> list[str]:
+    """The distinct 2–3-word sentence openings of every bundled contrast pair (all genres pooled),
+    those whose hash puts them in ``split`` ("tune" or "eval"; ~130 and ~120). They start a sentence in
+    two genres, so the unedited model is not committed to either."""
     from actlab.datasets import genres as g
 
-    texts = list(default_prompts())
-    for genre in g.GENRES:
-        texts += [" ".join(row["text"].split()[:n_words]) for row in g.heldout(genre)[:n_per_genre]]
-    return list(dict.fromkeys(t.strip() for t in texts if t.strip()))
+    _check_split(split)
+    prompts = [r["prompt"] for genre in g.GENRES for r in g.contrast_pairs(genre)]
+    return [p for p in dict.fromkeys(prompts) if _split_of(p) == split]
+
+
+def split_passages(genre: str, split: str) -> list[str]:
+    """The bundled held-out passages of ``genre`` in ``split`` (every third one; the profile set has another third)."""
+    from actlab.datasets import N_PARTS
+    from actlab.datasets import genres as g
+
+    _check_split(split)
+    if genre not in g.GENRES:
+        raise ActlabError(f"unknown genre {genre!r}; choose one of {', '.join(g.GENRES)}")
+    return [row["text"] for row in g.heldout(genre)[SPLIT_PART[split]::N_PARTS]]
+
+
+def passage_contrast(genre: str, split: str, seed: int = 0, n: int = DEFAULT_FIT_PAIRS) -> ContrastSet:
+    """Contrast texts as a user would bring them: ``n`` passages of ``genre`` against ``n`` passages of the
+    other genres (round robin over them), drawn with ``seed`` from ``split``; no prompts."""
+    from actlab.datasets import genres as g
+
+    rng = random.Random(f"{genre}-{split}-{seed}")
+    pos = rng.sample(split_passages(genre, split), n)
+    others = [rng.sample(split_passages(o, split), n) for o in g.GENRES if o != genre]
+    neg = [others[i % len(others)][i // len(others)] for i in range(n)]
+    return ContrastSet(pos=pos, neg=neg)
+
+
+def split_setup(genre: str, split: str = "eval", seed: int = 0, *, n_fit: int = DEFAULT_FIT_PAIRS,
+                n_prompts: int = DEFAULT_EVAL_PROMPTS, n_neutral: int = DEFAULT_TRANSFER_NEUTRAL) -> GenreSetup:
+    """One cell of the Command-V matrix: ``passage_contrast`` to fit on and ``n_prompts`` of
+    ``split_prompts(split)`` (drawn with ``seed``) to continue, all from one split; the perplexity texts are
+    the same evenly spaced neutral lines for every cell."""
+    contrast = passage_contrast(genre, split, seed, n_fit)
+    pool = split_prompts(split)
+    prompts = random.Random(f"prompts-{split}-{seed}").sample(pool, min(n_prompts, len(pool)))
+    return GenreSetup(genre, contrast, prompts, neutral_texts(n_neutral))
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ActlabError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
 
 
 def adapter_data(contrast: ContrastSet) -> list:

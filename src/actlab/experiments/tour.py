@@ -83,7 +83,7 @@ def _steer(donor, quick: bool, console: Console) -> Section:
     from actlab.interventions.fit import fit_steering
 
     setup = genre_setup(GENRE, n_prompts=8 if quick else 16)
-    site = default_site(donor)  # the vector pasted in step 4 is fitted the same way at the same layer
+    site = default_site(donor)  # step 4 pastes a vector made at the same layer (from contrast passages)
     vector = fit_steering(donor, setup.contrast, site, method="mean-diff")[site]
     coef = DEFAULT_VECTOR_COEF
     shown = setup.prompts[:3]
@@ -122,9 +122,10 @@ def _paste(donor, recipient, out: Path, quick: bool, console: Console) -> Sectio
     return Section(
         key="transfer", title=f"Pasting the vector into {recipient.name} (Command-V)",
         explanation=("Both models are profiled on the same prompts; ridge converters between matched layers map the "
-                     "donor's steering vector into the recipient's residual stream without any training. 'direct' is "
-                     "the recipient's own vector fitted on the same contrast pairs; 'random' is a random donor vector "
-                     "of the same norm, pasted the same way."),
+                     "donor's steering vector into the recipient's residual stream without any training. The vector "
+                     f"is fitted on contrast texts as a user would bring them ({GENRE} passages against passages of the "
+                     "other genres, the evaluation split); 'direct' is the recipient's own vector fitted on the same "
+                     "texts; 'random' is a random donor vector of the same norm, pasted the same way."),
         headline_text=(f"pasted/direct effect {transfer.pasted_ratio:.2f}, random/direct {transfer.random_ratio:+.2f}; "
                        f"genre rate {c['none'].rate:.0%} → pasted {c['pasted'].rate:.0%} (direct {c['direct'].rate:.0%})"),
         data=transfer.to_dict(), figs=[transfer.figure()],

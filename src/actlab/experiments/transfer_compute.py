@@ -59,7 +59,8 @@ def _adapter_flops(model, data, adapter: LowRankAdapter, batch_size: int, steps:
 def _direct_flops(recipient, config, data, direct) -> float:
     if config.kind == "vector":
         c = data.contrast
-        texts = [p + x for side in (c.pos, c.neg) for p, x in zip(c.prompts, side)]
+        prompts = c.prompts or [""] * len(c.pos)
+        texts = [p + x for side in (c.pos, c.neg) for p, x in zip(prompts, side)]
         return 2.0 * recipient.n_params * n_tokens(recipient, texts)
     return _adapter_flops(recipient, data.adapter_data, direct, config.adapter_batch_size, config.steps)
 

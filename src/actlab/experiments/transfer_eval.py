@@ -5,9 +5,8 @@ behaviour — steering generations toward a target genre — with every piece of
 (``genre_data``), in steps:
 
 1. **Make the behaviour in the donor** at ``donor_site``: a mean-difference steering vector fitted on
-   the first ``n_fit`` contrast pairs toward the genre (``kind="vector"``), or a rank-``rank`` LoReFT
-   adapter trained with ``train_adapter`` on the same pairs' (prompt, genre continuation) texts
-   (``kind="adapter"``).
+   the contrast texts (``kind="vector"``), or a rank-``rank`` LoReFT adapter trained with ``train_adapter``
+   on the genre texts with the LM loss (``kind="adapter"``).
 2. **Paste it** into the recipient (``actlab.transfer.paste_between``): both models are profiled on
    ``profile_prompts`` (every token by default — the demo models share a tokenizer — else the last
    prompt token), ridge converters are fitted for every layer pair matched by relative depth with λ
@@ -26,17 +25,18 @@ behaviour — steering generations toward a target genre — with every piece of
 6. **Diagnostics** (cosines, norms, relative change sizes) and **compute accounting**
    (``transfer_compute``).
 
-Defaults, chosen on the *fitted* pairs' prompts (never on the evaluation prompts): genre scripture
-(200 pairs, so 80 evaluation prompts are left after fitting on 64; the unedited rate is 0.5–0.6,
-leaving room both ways); coefficient 0.5 for vectors (the direct vector moves the rate to ≈ 0.8–0.9 —
-at 1 both saturate near 1 and the ratio says little) and 1 for adapters; 80 prompts × 4 samples × 24
-tokens; ``paste``'s de-attenuation with its gain capped at 1.5.
+Data (``genre_data.split_setup``): contrast texts as a user brings them — ``n_fit`` bundled passages of
+the target genre against as many of the other genres, drawn by ``seed`` from ``split`` ("tune" for
+choosing settings, "eval" for reporting) — and ``n_eval_prompts`` pair prompts of the same split; the
+profile texts (``actlab.datasets.profile_texts``) are a third part of the passages, disjoint from both.
+Defaults are the library's and the CLI's (``paste_between``): positions "auto", λ ≥ 0.1, de-attenuation
+capped at 1.5, adapters calibrated to the donor's relative size. Coefficient 0.5 for vectors (the issue's
+setting) and 1 for adapters; 80 prompts × 4 samples × 24 tokens.
 
-Default layer (``default_site``): the donor layer whose relative depth ``(i + 1) / n_layers`` is
-nearest one half (ties: the shallower) — ``resid.1`` of demo-llama (4 layers), which matches
-``resid.2`` of demo-gpt2 (6 layers) exactly; ``resid.2`` of demo-gpt2, which matches ``resid.1`` of
-demo-llama. Middle layers carry the genre in both models (a layer sweep steers from every layer) and
-their converters fit as well as any (held-out R² ≈ 0.7–0.8).
+Default layer (``default_site``): ``resid.mid``, the donor layer whose relative depth ``(i + 1) / n_layers``
+is nearest one half — ``resid.1`` of demo-llama (4 layers), matched to ``resid.2`` of demo-gpt2 (6 layers)
+exactly, and back. ``actlab.experiments.transfer_matrix`` runs the whole genre × direction × kind × seed
+matrix.
 
 Run ``actlab paste eval --kind vector`` (or ``adapter``) for the evaluation of the demo
 pair; ``docs/transfer.md`` has the measured numbers.
@@ -55,8 +55,8 @@ from actlab.engine.config import Config
 from actlab.engine.progress import progress_bar
 from actlab.errors import ActlabError
 from actlab.experiments.genre_data import (
-    DEFAULT_EVAL_PROMPTS, DEFAULT_FIT_PAIRS, DEFAULT_TRANSFER_NEUTRAL, GenreSetup, adapter_data,
-    default_profile_prompts, evaluation_prompts,
+    DEFAULT_EVAL_PROMPTS, DEFAULT_FIT_PAIRS, DEFAULT_TRANSFER_NEUTRAL, SPLITS, GenreSetup, adapter_data,
+    default_profile_prompts, split_setup,
 )
 from actlab.experiments.genre_scoring import DEFAULT_NEW_TOKENS, ScoringConfig
 from actlab.experiments.transfer_compute import compute_accounting
@@ -67,6 +67,7 @@ from actlab.interventions.types import LowRankAdapter
 from actlab.transfer.converters import PASTE_LAMBDAS
 from actlab.transfer.paste import DEFAULT_MAX_GAIN
 from actlab.transfer.pipeline import PasteResult, paste_between
+from actlab.transfer.profiles import POSITIONS, resolve_positions
 
 KINDS = ("vector", "adapter")
 DEFAULT_GENRE = "scripture"
@@ -75,7 +76,6 @@ DEFAULT_ADAPTER_COEF = 1.0
 DEFAULT_SAMPLES = 4
 DEFAULT_RANK = 4
 DEFAULT_STEPS = 200
-DEFAULT_POSITIONS = "all"
 
 __all__ = ["TransferEvalConfig", "EvalData", "evaluate_transfer", "default_site", "evaluation_data",
            "make_behaviour", "DEFAULT_VECTOR_COEF", "KINDS"]
@@ -89,16 +89,18 @@ class TransferEvalConfig(Config):
     ``steps`` training steps with early stopping). ``coef``: the coefficient every condition is applied
     at (default 0.5 for vectors — in units of the fitted mean difference, where the direct vector is
     well short of saturating the rate — and 1 for adapters). ``donor_site``: default ``default_site``.
-    ``positions``: profile rows, "all" (every token; needs the same tokenizer, falls back to "last"
-    otherwise) or "last". ``eval_prompts`` replaces the held-out pair prompts (e.g. for tuning on
-    other prompts). ``donor_check`` also scores the donor with and without its own intervention.
-    ``deattenuate``, ``max_gain``: passed to ``paste`` (for the pasted and the random interventions alike).
+    ``split``: "eval" or "tune" (the contrast texts and prompts; ``seed`` draws them). ``positions``: profile
+    rows, "auto" (every token when the tokenizers agree, else the last token), "all" or "last".
+    ``eval_prompts`` replaces the split's prompts. ``donor_check`` also scores the donor with and without its own intervention.
+    ``deattenuate``, ``max_gain``: passed to ``paste`` (for the pasted and the random interventions alike);
+    ``calibrate``: rescale pasted adapters to the donor edit's relative size (``calibrate_scale``).
     ``cache_dir``: reuse profiles (``cached_profile``); the timings then measure the cache.
     """
 
     # what is made, and where
     kind: str = "vector"
     target_genre: str = DEFAULT_GENRE
+    split: str = "eval"  # which split's contrast texts and prompts ("tune" when choosing settings)
     rank: int = DEFAULT_RANK  # adapters: rank, training steps, batch
     steps: int = DEFAULT_STEPS
     adapter_batch_size: int = 8
@@ -106,9 +108,10 @@ class TransferEvalConfig(Config):
     n_fit: int = DEFAULT_FIT_PAIRS
     coef: float | None = None
     # how it is pasted
-    positions: str = DEFAULT_POSITIONS
+    positions: str = "auto"
     deattenuate: bool = True
     max_gain: float = DEFAULT_MAX_GAIN
+    calibrate: bool = True  # pasted adapters: match the donor edit's size relative to the stream
     profile_prompts: Sequence[str] | None = None
     converter_lambdas: Sequence[float] | None = PASTE_LAMBDAS  # None: fit_converters' whole grid
     cache_dir: str | Path | None = None
@@ -127,8 +130,10 @@ class TransferEvalConfig(Config):
     def validate(self) -> None:
         if self.kind not in KINDS:
             raise ActlabError(f"kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
-        if self.positions not in ("all", "last"):
-            raise ActlabError(f"positions must be 'all' or 'last', not {self.positions!r}")
+        if self.positions not in POSITIONS:
+            raise ActlabError(f"positions must be one of {', '.join(POSITIONS)}, not {self.positions!r}")
+        if self.split not in SPLITS:
+            raise ActlabError(f"split must be one of {', '.join(SPLITS)}, not {self.split!r}")
         if self.n_random < 1:
             raise ActlabError(f"n_random must be at least 1, not {self.n_random}")
 
@@ -149,10 +154,10 @@ class TransferEvalConfig(Config):
 
 
 def default_site(model) -> str:
-    """``resid.{i}`` with relative depth ``(i + 1) / n_layers`` nearest 0.5 (ties: the shallower)."""
-    n = model.n_layers
-    i = min(range(n), key=lambda k: (abs((k + 1) / n - 0.5), k))
-    return f"resid.{i}"
+    """``resid.{i}`` with relative depth ``(i + 1) / n_layers`` nearest 0.5 (``actlab.models.sites.middle_layer``)."""
+    from actlab.models.sites import middle_layer
+
+    return f"resid.{middle_layer(model.n_layers)}"
 
 
 # --------------------------------------------------------------------------------- the data
@@ -175,27 +180,19 @@ class EvalData:
         return adapter_data(self.setup.contrast)
 
 
-def _same_tokens(donor, recipient, prompts: Sequence[str]) -> bool:
-    a = donor.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    b = recipient.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    return [list(x) for x in a] == [list(x) for x in b]
-
-
 def evaluation_data(donor, recipient, config: TransferEvalConfig) -> EvalData:
-    """The disjoint data sets, checked; all-token profiles fall back to the last token across tokenizers."""
-    setup, held_prompts = evaluation_prompts(config.target_genre, n_fit=config.n_fit, n=config.n_eval_prompts,
-                                             n_neutral=config.n_neutral)
-    prompts = list(config.eval_prompts) if config.eval_prompts is not None else held_prompts
+    """The disjoint data sets of one cell (``split_setup``: contrast passages and prompts of ``config.split``,
+    drawn with ``config.seed``), checked; ``positions="auto"`` resolved as ``paste run`` does."""
+    setup = split_setup(config.target_genre, config.split, config.seed, n_fit=config.n_fit,
+                        n_prompts=config.n_eval_prompts, n_neutral=config.n_neutral)
+    prompts = list(config.eval_prompts) if config.eval_prompts is not None else setup.prompts
     profile = list(config.profile_prompts) if config.profile_prompts is not None else default_profile_prompts()
-    overlap = set(profile) & set(prompts)
+    overlap = set(profile) & (set(prompts) | set(setup.contrast.pos) | set(setup.contrast.neg))
     if overlap:
-        raise ActlabError(f"{len(overlap)} evaluation prompt(s) are also profile prompts (e.g. {next(iter(overlap))!r}); "
-                          "keep them apart")
-    positions, notes = config.positions, []
-    if positions == "all" and not _same_tokens(donor, recipient, profile):
-        positions = "last"
-        notes.append("the tokenizers differ, so the profile uses the last prompt token only")
-    return EvalData(setup, prompts, profile, positions, notes)
+        raise ActlabError(f"{len(overlap)} evaluation prompt(s) or contrast text(s) are also profile prompts "
+                          f"(e.g. {next(iter(overlap))[:60]!r}); keep them apart")
+    positions, note = resolve_positions(config.positions, donor, recipient, profile)
+    return EvalData(setup, prompts, profile, positions, [note] if note else [])
 
 
 def _donor_site(donor, recipient, config: TransferEvalConfig) -> str:
@@ -229,7 +226,7 @@ def _paste(donor, recipient, donor_edit, data: EvalData, config: TransferEvalCon
     # the evaluation's own grid (min_lambda 0: "auto" is the whole grid; PASTE_LAMBDAS already has the floor)
     return paste_between(donor, recipient, donor_edit, data.profile_prompts, positions=data.positions,
                          cache_dir=config.cache_dir, lambdas=config.converter_lambdas, min_lambda=0.0,
-                         deattenuate=config.deattenuate, max_gain=config.max_gain)
+                         deattenuate=config.deattenuate, max_gain=config.max_gain, calibrate=config.calibrate)
 
 
 def _adapter_summary(adapter: LowRankAdapter) -> dict[str, Any]:
@@ -252,6 +249,9 @@ def diagnostics(kind: str, donor_edit, transfer: PasteResult, direct, controls: 
         "random_raw_size_over_pasted": [s / controls.target_size for s in controls.raw_sizes],
         "random_draw_effects": random_draws,
         "pasted_mean_delta_norm": controls.target_size, "direct_mean_delta_norm": mean_delta_norm(direct, h_r),
+        "expected_ratio": pasted.params.get("expected_ratio"),
+        "shared_correlations": pasted.params.get("shared_correlations"),
+        "scale_calibration": pasted.params.get("scale_calibration"),
     }
     if kind == "vector":
         pv, dv = pasted.vector.float(), direct.vector.float()
@@ -271,7 +271,8 @@ def _settings(config: TransferEvalConfig, data: EvalData, transfer: PasteResult)
         "n_fit_pairs": len(data.contrast.pos), "n_neutral": len(data.setup.neutral_texts),
         "n_random": config.n_random, "random_control": "made in the donor (same norms), pasted, rescaled to the "
         "pasted edit's mean |Δ| on the recipient profile rows; antithetic pairs (r, −r)",
-        "eval_prompts": "given" if config.eval_prompts is not None else "held-out contrast-pair prompts",
+        "eval_prompts": "given" if config.eval_prompts is not None else f"pair prompts of the {config.split} split",
+        "split": config.split, "contrast": "bundled held-out passages (genre vs the other genres)",
         "layer_map": transfer.converters.layer_map, "notes": data.notes, "deattenuate": config.deattenuate,
         "max_gain": config.max_gain,
         "deattenuation_gains": transfer.pasted.params.get("deattenuation", {}).get("gains"),

@@ -51,6 +51,7 @@ def bootstrap_ratios(rows: dict[str, np.ndarray], prompt_of_row: np.ndarray, see
         ci = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))] if len(boot) else [math.nan, math.nan]
         out[f"{k}_over_direct"] = float(point)
         out[f"{k}_over_direct_ci"] = ci
+    out["per_prompt"] = {k: [round(float(x), 6) for x in v] for k, v in per_prompt.items()}  # for pooling cells
     out["n_bootstrap"] = n_boot
     out["resampled"] = "prompts"
     return out

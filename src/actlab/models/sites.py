@@ -80,6 +80,13 @@ _BLOCK_LIST_NAMES = ("layers", "h", "layer", "blocks", "block")
 SITE_KINDS = ("embed", "resid", "attn", "mlp", "mlp.in", "mlp.hidden", "final")
 
 
+def middle_layer(n_layers: int) -> int:
+    """The layer whose relative depth (i + 1) / n_layers is nearest one half (exact ties: the deeper one):
+    where steering and Command-V act by default, since middle layers carry a text's register in every model
+    we measured (docs/steering.md, docs/transfer.md)."""
+    return min(range(n_layers), key=lambda k: (abs(2 * (k + 1) - n_layers), -k))
+
+
 def _in_width(module: nn.Module) -> int | None:
     """Input width of a linear-like module (nn.Linear or GPT-2's transposed Conv1D)."""
     if hasattr(module, "in_features"):
@@ -242,7 +249,8 @@ class SiteMap:
         """Expand selectors into site names, in model order, without duplicates.
 
         ``resid.*`` (all layers), ``mlp.hidden.1-3`` (inclusive range), ``resid.-1`` (last layer),
-        ``resid.0,attn.0`` (comma lists) and exact names are accepted.
+        ``resid.mid`` (the middle layer, ``middle_layer``), ``resid.0,attn.0`` (comma lists) and exact names
+        are accepted.
         """
         if isinstance(selectors, str):
             selectors = [selectors]
@@ -260,7 +268,7 @@ class SiteMap:
             return [selector]
         if selector in ("*", "all"):
             return list(self.points)
-        match = re.fullmatch(r"([a-z_.]+?)\.(\*|-?\d+|\d+-\d+)", selector)
+        match = re.fullmatch(r"([a-z_.]+?)\.(\*|-?\d+|\d+-\d+|mid)", selector)
         if not match:
             self._unknown(selector)
         kind, index = match.group(1), match.group(2)
@@ -274,6 +282,8 @@ class SiteMap:
             )
         if index == "*":
             layers = available
+        elif index == "mid":
+            layers = [middle_layer(self.n_layers)]
         elif re.fullmatch(r"\d+-\d+", index):
             lo, hi = (int(x) for x in index.split("-"))
             if lo > hi:
@@ -293,5 +303,5 @@ class SiteMap:
     def _unknown(self, selector: str):
         raise ActlabError(
             f"unknown site '{selector}' for {self.model_class}; available sites: {self.describe()} "
-            "(selectors: resid.*, mlp.hidden.1-3, resid.-1)"
+            "(selectors: resid.*, mlp.hidden.1-3, resid.-1, resid.mid)"
         )

@@ -9,12 +9,15 @@ from actlab.transfer.converters import (
     MIN_LAMBDA, PASTE_LAMBDAS, ConverterSet, LinearMap, fit_converters, fit_linear_map, match_layers_by_depth,
     parse_layer_map,
 )
-from actlab.transfer.paste import adapter_as_affine, paste, predicted_effect
+from actlab.transfer.paste import (
+    adapter_as_affine, calibrate_scale, expected_ratio, paste, predicted_effect, shared_correlations,
+)
 from actlab.transfer.pipeline import PasteConfig, PasteResult, fit_paste_converters, paste_between
 from actlab.transfer.profiles import ActivationProfile, cached_profile, profile_model
 
 __all__ = [
     "ActivationProfile", "ConverterSet", "LinearMap", "MIN_LAMBDA", "PASTE_LAMBDAS", "PasteConfig", "PasteResult",
-    "adapter_as_affine", "cached_profile", "fit_converters", "fit_linear_map", "fit_paste_converters",
+    "adapter_as_affine", "calibrate_scale", "expected_ratio", "shared_correlations", "cached_profile",
+    "fit_converters", "fit_linear_map", "fit_paste_converters",
     "match_layers_by_depth", "parse_layer_map", "paste", "paste_between", "predicted_effect", "profile_model",
 ]

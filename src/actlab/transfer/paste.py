@@ -26,6 +26,8 @@ E[h_D | h_R] gives E[Δ_D | h_R] exactly.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from actlab.errors import ActlabError
@@ -50,23 +52,63 @@ def adapter_as_affine(adapter: LowRankAdapter) -> AffineMap:
 DEFAULT_MAX_GAIN = 1.5  # chosen on the tuning prompts: see docs/transfer.md
 
 
-def deattenuated_map(converters: ConverterSet, donor_layer: int, directions: torch.Tensor,
-                     max_gain: float = DEFAULT_MAX_GAIN) -> tuple[torch.Tensor, list[float]]:
-    """C_DR with its gain restored on the span of ``directions`` ([k, d_D] rows): returns the
-    [d_D, d_R] output map and the gains applied (1/√ of the round trip's eigenvalues, ≤ ``max_gain``)."""
-    C_dr = converters.to_recipient[donor_layer].weight.double()
-    C_rd = converters.to_donor[donor_layer].weight.double()
+def _edit_subspace(directions: torch.Tensor) -> torch.Tensor | None:
+    """An orthonormal basis [d_D, k] of the span of ``directions`` ([k, d_D] rows), or None if they are all zero."""
     d = directions.double()
     d = d[d.norm(dim=1) > 0]
     if d.shape[0] == 0:
-        return C_dr.float(), []
+        return None
     u, s, _ = torch.linalg.svd(d.T, full_matrices=False)
-    Q = u[:, s > s.max() * 1e-6]  # [d_D, k] orthonormal basis of the edit's output subspace
+    return u[:, s > s.max() * 1e-6]
+
+
+def shared_correlations(converters: ConverterSet, donor_layer: int, directions: torch.Tensor) -> list[float]:
+    """√ of the round trip u ↦ u C_DR C_RD's eigenvalues on the span of ``directions``: per direction, how
+    much of the donor's variation there the recipient follows (1 under a change of basis; for one variable
+    the correlation ρ, since b_yx·b_xy = ρ²)."""
+    Q = _edit_subspace(directions)
+    if Q is None:
+        return []
+    C_dr = converters.to_recipient[donor_layer].weight.double()
+    C_rd = converters.to_donor[donor_layer].weight.double()
+    K = Q.T @ C_dr @ C_rd @ Q
+    return [round(float(x), 4) for x in torch.linalg.eigvalsh((K + K.T) / 2).clamp(0.0, 1.0).sqrt()]
+
+
+def expected_ratio(shared: list[float], gains: list[float] | None) -> float:
+    """The fraction of the donor edit's length the paste carries, per direction ρ·g capped at 1, averaged:
+    the plain paste carries ρ along a direction both models read with equal reliability, the de-attenuated
+    one ρ·g (1 unless the gain cap binds). docs/transfer.md compares it with measured effect ratios."""
+    if not shared:
+        return 1.0
+    gains = gains or [1.0] * len(shared)
+    return round(sum(min(1.0, r * g) for r, g in zip(shared, gains)) / len(shared), 4)
+
+
+def deattenuated_map(converters: ConverterSet, donor_layer: int, directions: torch.Tensor,
+                     max_gain: float = DEFAULT_MAX_GAIN) -> tuple[torch.Tensor, list[float]]:
+    """C_DR with its gain restored on the span of ``directions`` ([k, d_D] rows): returns the
+    [d_D, d_R] output map and the gains applied (1/√ of the round trip's eigenvalues, ≤ ``max_gain``),
+    in the order of ``shared_correlations``."""
+    C_dr = converters.to_recipient[donor_layer].weight.double()
+    C_rd = converters.to_donor[donor_layer].weight.double()
+    Q = _edit_subspace(directions)
+    if Q is None:
+        return C_dr.float(), []
     K = Q.T @ C_dr @ C_rd @ Q
     evals, evecs = torch.linalg.eigh((K + K.T) / 2)
     gains = evals.clamp(min=1.0 / max_gain**2, max=1.0).rsqrt()
     P = Q @ evecs @ torch.diag(gains - 1) @ evecs.T @ Q.T  # I + P scales the subspace, leaves the rest
     return (C_dr + P @ C_dr).float(), [round(float(g), 4) for g in gains]
+
+
+def _write_directions(item: SteeringVector | AffineMap) -> torch.Tensor:
+    """The directions an additive edit writes to, as rows: a vector's direction, an affine map's V columns and bias."""
+    if isinstance(item, SteeringVector):
+        return item.vector.float()[None]
+    if item.diag is not None:  # writes everywhere
+        return torch.eye(item.width)
+    return item.bias.float()[None] if item.V is None else torch.cat([item.V.float().T, item.bias.float()[None]])
 
 
 def _paste_one(item: Intervention, converters: ConverterSet, recipient_identity: dict, deattenuate: bool = True,
@@ -92,15 +134,13 @@ def _paste_one(item: Intervention, converters: ConverterSet, recipient_identity:
     if not isinstance(item, (SteeringVector, AffineMap)):
         raise ActlabError(f"cannot paste a {item.kind}: only steering vectors, affine maps and low-rank adapters "
                           "act on the residual stream additively")
+    writes = _write_directions(item)
+    shared, gains = shared_correlations(converters, d, writes), None
     if deattenuate:
-        if isinstance(item, SteeringVector):
-            writes = item.vector.float()[None]
-        elif item.diag is not None:  # writes everywhere
-            writes = torch.eye(item.width)
-        else:  # the columns of V and the bias
-            writes = item.bias.float()[None] if item.V is None else torch.cat([item.V.float().T, item.bias.float()[None]])
         C_dr, gains = deattenuated_map(converters, d, writes, max_gain)
         params["deattenuation"] = {"max_gain": max_gain, "gains": gains}
+    params["shared_correlations"] = shared
+    params["expected_ratio"] = expected_ratio(shared, gains)
     if isinstance(item, SteeringVector):
         return SteeringVector(site=site, vector=item.vector.float() @ C_dr, coef=item.coef, positions=item.positions,
                               model=recipient_identity, params=params)
@@ -143,6 +183,35 @@ def paste(intervention: Intervention | Composition, converters: ConverterSet, re
     return pasted[0] if len(pasted) == 1 else Composition(pasted)
 
 
+def _mean_rel_change(item: Intervention, h: torch.Tensor) -> float:
+    return float(((item.coef * item.delta(h)).norm(dim=-1) / h.norm(dim=-1).clamp_min(1e-12)).mean())
+
+
+def calibrate_scale(donor_edit, pasted, donor_profile, recipient_profile) -> Intervention | Composition:
+    """Pasted affine edits (adapters) rescaled so that their mean ‖Δ‖/‖h‖ on the recipient's profile rows equals
+    the donor edit's on the donor's; steering vectors are left to the de-attenuated converters.
+
+    Why: an adapter's write subspace is found by the LM loss from a random start and lies mostly in directions
+    the other model does not share (round-trip correlations 0.25–0.6 on the demo pair, so the de-attenuation
+    gain is capped), and then the converters cannot tell how long the pasted change should be — llama → gpt2
+    pastes came out at half the donor's relative size, gpt2 → llama at 1.3×. The size of an edit relative to
+    the stream it edits is the scale both models agree on. A vector's direction is shared (ρ ≈ 0.8–0.95) and
+    its de-attenuated length already matches the recipient's own (docs/transfer.md)."""
+    out = []
+    for d_item, r_item in zip(donor_edit.edits(), pasted.edits()):
+        if isinstance(r_item, AffineMap):
+            h_d = donor_profile.acts[int(d_item.site.split(".")[1])]
+            h_r = recipient_profile.acts[int(r_item.site.split(".")[1])]
+            have = _mean_rel_change(r_item, h_r)
+            factor = _mean_rel_change(d_item, h_d) / have if have > 0 else 1.0
+            r_item = dataclasses.replace(  # in the weights, so coefficient 1 stays "the donor's edit"
+                r_item, bias=r_item.bias * factor, diag=None if r_item.diag is None else r_item.diag * factor,
+                U=None if r_item.U is None else r_item.U * factor,
+                params=dict(r_item.params) | {"scale_calibration": round(factor, 4)})
+        out.append(r_item)
+    return out[0] if len(out) == 1 else Composition(out)
+
+
 def predicted_effect(donor_edit, pasted, donor_profile, recipient_profile, converters: ConverterSet) -> list[dict]:
     """Per pasted item: mean ‖Δ‖/‖h‖ on the profile rows, in the donor and (pasted) in the recipient.
 
@@ -157,6 +226,7 @@ def predicted_effect(donor_edit, pasted, donor_profile, recipient_profile, conve
         rel_r = (r_item.coef * r_item.delta(h_r)).norm(dim=-1) / h_r.norm(dim=-1).clamp_min(1e-12)
         rows.append({"donor_site": d_item.site, "recipient_site": r_item.site, "kind": d_item.kind,
                      "donor_rel_norm": float(rel_d.mean()), "recipient_rel_norm": float(rel_r.mean()),
+                     "expected_ratio": r_item.params.get("expected_ratio"),
                      "r2_to_donor": converters.to_donor[d_layer].r2,
                      "r2_to_recipient": converters.to_recipient[d_layer].r2})
     return rows

@@ -9,7 +9,7 @@ recipient. No gradient is taken anywhere on this path.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,8 +17,8 @@ from typing import Any, Sequence
 from actlab.interventions.base import Composition, Intervention
 from actlab.engine.config import Config
 from actlab.transfer.converters import MIN_LAMBDA, PASTE_LAMBDAS, ConverterSet, fit_converters
-from actlab.transfer.paste import DEFAULT_MAX_GAIN, paste, predicted_effect
-from actlab.transfer.profiles import ActivationProfile, cached_profile, profile_model
+from actlab.transfer.paste import DEFAULT_MAX_GAIN, calibrate_scale, paste, predicted_effect
+from actlab.transfer.profiles import ActivationProfile, cached_profile, profile_model, resolve_positions
 
 __all__ = ["PasteConfig", "PasteResult", "paste_between", "fit_paste_converters"]
 
@@ -42,13 +42,14 @@ def fit_paste_converters(d_prof: ActivationProfile, r_prof: ActivationProfile,
 class PasteConfig(Config):
     """How ``paste_between`` profiles, fits and pastes."""
 
-    positions: str = "last"  # profile rows: last prompt token, or every token (same tokenizer only)
+    positions: str = "auto"  # profile rows: "all" tokens when the tokenizers agree, else the "last" prompt token
     cache_dir: str | Path | None = None  # reuse profiles between runs (None: profile afresh)
     layer_map: dict[int, int] | None = None  # donor layer → recipient layer (default: relative depth)
     lambdas: Sequence[float] | None = None  # ridge grid (None: linalg.LAMBDA_GRID) ...
     min_lambda: float = MIN_LAMBDA  # ... restricted to λ ≥ this
     deattenuate: bool = True  # restore the length regression converters lose along the edit's directions
     max_gain: float = DEFAULT_MAX_GAIN  # cap on the de-attenuation gain
+    calibrate: bool = True  # pasted adapters/affine maps: match the donor edit's size relative to the stream
     batch_size: int = 16  # prompts per profiling forward pass
 
 
@@ -62,6 +63,8 @@ class PasteResult:
     recipient_profile: ActivationProfile
     donor_edit: Intervention | Composition
     seconds: dict[str, float]  # donor_profile, recipient_profile, converters, paste
+    positions: str = "all"  # the profile rows actually used ("auto" resolved)
+    notes: list[str] = field(default_factory=list)
 
     @cached_property
     def rows(self) -> list[dict[str, Any]]:
@@ -70,28 +73,35 @@ class PasteResult:
                                 self.converters)
 
 
-def _profile(model, prompts: Sequence[str], config: PasteConfig, progress: bool) -> tuple[ActivationProfile, float]:
+def _profile(model, prompts: Sequence[str], positions: str, config: PasteConfig,
+             progress: bool) -> tuple[ActivationProfile, float]:
     start = time.perf_counter()
     if config.cache_dir is None:
-        prof = profile_model(model, prompts, positions=config.positions, batch_size=config.batch_size,
-                             progress=progress)
+        prof = profile_model(model, prompts, positions=positions, batch_size=config.batch_size, progress=progress)
     else:
-        prof = cached_profile(model, prompts, positions=config.positions, cache_dir=config.cache_dir,
+        prof = cached_profile(model, prompts, positions=positions, cache_dir=config.cache_dir,
                               batch_size=config.batch_size, progress=progress)
     return prof, time.perf_counter() - start
 
 
-def paste_between(donor, recipient, donor_edit: Intervention | Composition, prompts: Sequence[str],
+def paste_between(donor, recipient, donor_edit: Intervention | Composition, prompts: Sequence[str] | None = None,
                   config: PasteConfig | None = None, *, progress: bool = False, **overrides) -> PasteResult:
-    """Profile both models on ``prompts``, fit converters and paste ``donor_edit`` into ``recipient``."""
+    """Profile both models on ``prompts`` (default ``actlab.datasets.profile_texts()``), fit converters and
+    paste ``donor_edit`` into ``recipient``."""
+    from actlab.datasets import profile_texts
+
     config = PasteConfig.with_overrides(config, overrides)
-    d_prof, d_seconds = _profile(donor, prompts, config, progress)
-    r_prof, r_seconds = _profile(recipient, prompts, config, progress)
+    prompts = profile_texts() if prompts is None else list(prompts)
+    positions, note = resolve_positions(config.positions, donor, recipient, prompts)
+    d_prof, d_seconds = _profile(donor, prompts, positions, config, progress)
+    r_prof, r_seconds = _profile(recipient, prompts, positions, config, progress)
     converters = fit_converters(d_prof, r_prof, layer_map=config.layer_map, lambdas=config.lambdas,
                                 min_lambda=config.min_lambda)
     start = time.perf_counter()
     pasted = paste(donor_edit, converters, recipient, deattenuate=config.deattenuate, max_gain=config.max_gain)
+    if config.calibrate:
+        pasted = calibrate_scale(donor_edit, pasted, d_prof, r_prof)
     seconds = {"donor_profile": d_seconds, "recipient_profile": r_seconds, "converters": converters.fit_seconds,
                "paste": time.perf_counter() - start}
     return PasteResult(pasted=pasted, converters=converters, donor_profile=d_prof, recipient_profile=r_prof,
-                       donor_edit=donor_edit, seconds=seconds)
+                       donor_edit=donor_edit, seconds=seconds, positions=positions, notes=[note] if note else [])

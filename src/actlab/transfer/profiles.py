@@ -20,6 +20,7 @@ from actlab.errors import ActlabError
 from actlab.files import HeaderFields, load_tensors, save_tensors
 
 FORMAT = "actlab.profile"
+POSITIONS = ("auto", "all", "last")  # "auto": every token when the tokenizers agree, else the last prompt token
 
 
 def prompts_hash(prompts: Sequence[str]) -> str:
@@ -93,6 +94,31 @@ def _profile_acts(fields: HeaderFields, tensors: dict[str, torch.Tensor], n_prom
         if not bool(torch.isfinite(a).all()):
             raise fields.damaged(f"resid.{i} holds NaN or infinite values")
     return acts
+
+
+def same_tokens(donor, recipient, prompts: Sequence[str]) -> bool:
+    """Whether both tokenizers cut ``prompts`` into the same tokens (then all-token profile rows align)."""
+    if donor.tokenizer is recipient.tokenizer:
+        return True
+    a = donor.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    b = recipient.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    return [list(x) for x in a] == [list(x) for x in b]
+
+
+def resolve_positions(positions: str, donor, recipient, prompts: Sequence[str]) -> tuple[str, str | None]:
+    """``(positions, note)``: "auto" becomes "all" when the two models tokenize ``prompts`` alike, else
+    "last" (with a note saying so); "all" across different tokenizers is refused with the fix."""
+    if positions not in POSITIONS:
+        raise ActlabError(f"profile positions must be one of {', '.join(POSITIONS)}, not {positions!r}")
+    if positions == "last":
+        return positions, None
+    if same_tokens(donor, recipient, prompts):
+        return "all", None
+    if positions == "all":
+        raise ActlabError(f"{donor.name} and {recipient.name} tokenize the profile prompts differently, so all-token "
+                          "rows do not align; use positions 'last' (or 'auto')")
+    return "last", (f"{donor.name} and {recipient.name} tokenize differently: the profile uses the last prompt token "
+                    "only (one row per prompt; give more prompts for better converters)")
 
 
 def profile_model(
