@@ -80,3 +80,24 @@ def test_matrix_lists_every_cell_once():
     cells = matrix_cells(["scripture", "techdoc"], seeds=(0, 1, 2))
     assert len(cells) == 2 * 2 * 2 * 3 and len({c.name for c in cells}) == len(cells)
     assert cells[0].kind == "vector" and cells[-1].kind == "adapter"
+
+
+def test_evaluation_data_keeps_the_profile_apart_unless_asked():
+    """The evaluation's profile never holds its prompts or contrast texts; ``profile_contrast`` adds the
+    contrast texts on purpose (converters that see the behaviour's own data), and nothing else."""
+    from types import SimpleNamespace
+
+    from actlab.experiments.transfer_eval import TransferEvalConfig, evaluation_data
+    from tiny_models import ByteTokenizer
+
+    a, b = SimpleNamespace(name="a", tokenizer=ByteTokenizer()), SimpleNamespace(name="b", tokenizer=ByteTokenizer())
+    plain = evaluation_data(a, b, TransferEvalConfig(target_genre="jargon", split="tune", seed=2))
+    assert plain.positions == "all" and plain.profile_prompts == profile_texts()
+    assert not set(plain.profile_prompts) & (set(plain.prompts) | set(plain.contrast.pos) | set(plain.contrast.neg))
+    both = evaluation_data(a, b, TransferEvalConfig(target_genre="jargon", split="tune", seed=2, profile_contrast=True))
+    extra = both.profile_prompts[len(plain.profile_prompts):]
+    assert both.profile_prompts[: len(plain.profile_prompts)] == plain.profile_prompts
+    assert set(extra) == set(plain.contrast.pos) | set(plain.contrast.neg)
+    with pytest.raises(ActlabError, match="keep them apart"):
+        evaluation_data(a, b, TransferEvalConfig(target_genre="jargon", split="tune", seed=2,
+                                                 profile_prompts=plain.contrast.pos[:3] + ["x"]))
