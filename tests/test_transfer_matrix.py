@@ -94,10 +94,10 @@ def test_evaluation_data_keeps_the_profile_apart_unless_asked():
     plain = evaluation_data(a, b, TransferEvalConfig(target_genre="jargon", split="tune", seed=2))
     assert plain.positions == "all" and plain.profile_prompts == profile_texts()
     assert not set(plain.profile_prompts) & (set(plain.prompts) | set(plain.contrast.pos) | set(plain.contrast.neg))
-    both = evaluation_data(a, b, TransferEvalConfig(target_genre="jargon", split="tune", seed=2, profile_contrast=True))
+    both = evaluation_data(a, b, TransferEvalConfig(target_genre="jargon", split="tune", seed=2, profile_contrast=2))
     extra = both.profile_prompts[len(plain.profile_prompts):]
     assert both.profile_prompts[: len(plain.profile_prompts)] == plain.profile_prompts
-    assert set(extra) == set(plain.contrast.pos) | set(plain.contrast.neg)
+    assert set(extra) == set(plain.contrast.pos) | set(plain.contrast.neg) and len(extra) == 2 * 128
     with pytest.raises(ActlabError, match="keep them apart"):
         evaluation_data(a, b, TransferEvalConfig(target_genre="jargon", split="tune", seed=2,
                                                  profile_prompts=plain.contrast.pos[:3] + ["x"]))

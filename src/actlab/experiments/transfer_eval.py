@@ -113,7 +113,7 @@ class TransferEvalConfig(Config):
     max_gain: float = DEFAULT_MAX_GAIN
     calibrate: bool = True  # pasted adapters: match the donor edit's size relative to the stream
     profile_prompts: Sequence[str] | None = None
-    profile_contrast: bool = False  # also profile the contrast texts (converters that see the behaviour's data)
+    profile_contrast: int = 0  # also profile the contrast texts, this many times (converters that see the behaviour's data)
     converter_lambdas: Sequence[float] | None = PASTE_LAMBDAS  # None: fit_converters' whole grid
     cache_dir: str | Path | None = None
     # how the conditions are scored
@@ -192,8 +192,9 @@ def evaluation_data(donor, recipient, config: TransferEvalConfig) -> EvalData:
     if overlap:
         raise ActlabError(f"{len(overlap)} evaluation prompt(s) or contrast text(s) are also profile prompts "
                           f"(e.g. {next(iter(overlap))[:60]!r}); keep them apart")
-    if config.profile_contrast:
-        profile = profile + [t for t in setup.contrast.pos + setup.contrast.neg if t not in set(profile)]
+    if config.profile_contrast:  # repeated texts weight their rows in the ridge fit
+        extra = [t for t in setup.contrast.pos + setup.contrast.neg if t not in set(profile)]
+        profile = profile + extra * int(config.profile_contrast)
     positions, note = resolve_positions(config.positions, donor, recipient, profile)
     return EvalData(setup, prompts, profile, positions, [note] if note else [])
 
