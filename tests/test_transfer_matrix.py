@@ -98,6 +98,8 @@ def test_evaluation_data_keeps_the_profile_apart_unless_asked():
     extra = both.profile_prompts[len(plain.profile_prompts):]
     assert both.profile_prompts[: len(plain.profile_prompts)] == plain.profile_prompts
     assert set(extra) == set(plain.contrast.pos) | set(plain.contrast.neg) and len(extra) == 2 * 128
+    with pytest.raises(ActlabError, match="profile_contrast is how many times"):
+        TransferEvalConfig(profile_contrast=-1).validate()
     with pytest.raises(ActlabError, match="keep them apart"):
         evaluation_data(a, b, TransferEvalConfig(target_genre="jargon", split="tune", seed=2,
                                                  profile_prompts=plain.contrast.pos[:3] + ["x"]))

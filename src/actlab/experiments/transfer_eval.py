@@ -135,6 +135,10 @@ class TransferEvalConfig(Config):
             raise ActlabError(f"positions must be one of {', '.join(POSITIONS)}, not {self.positions!r}")
         if self.split not in SPLITS:
             raise ActlabError(f"split must be one of {', '.join(SPLITS)}, not {self.split!r}")
+        repeats = self.profile_contrast
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 0:
+            raise ActlabError(f"profile_contrast is how many times the contrast texts join the profile (0, 1, 2, ...), "
+                              f"not {self.profile_contrast!r}")
         if self.n_random < 1:
             raise ActlabError(f"n_random must be at least 1, not {self.n_random}")
 
