@@ -153,5 +153,5 @@ def adapter_train(
     adapter = train_adapter(m, examples, site, rank=rank, steps=steps, lr=lr, progress=True)
     adapter.save(out)
     p = adapter.params
-    console.print(f"[green]wrote[/] {escape(str(out))}: rank {rank} at {site}; validation loss {p.get('val_loss_before', float('nan')):.3f} → "
+    console.print(f"[green]wrote[/] {escape(str(out))}: rank {rank} at {adapter.site}; validation loss {p.get('val_loss_before', float('nan')):.3f} → "
                   f"{p.get('val_loss', float('nan')):.3f} in {p.get('steps_run')} steps ({p.get('train_seconds', 0):.1f} s)")
