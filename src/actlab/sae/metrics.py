@@ -1,0 +1,46 @@
+"""How good an SAE is on a set of activations: reconstruction (MSE, FVU, cosine) and sparsity (L0, dead, dense).
+
+Computed in chunks under ``no_grad`` in eval mode (BatchTopK then uses its learned threshold, as at
+inference), with sums accumulated in float64 so the numbers do not depend on the chunk size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from actlab.errors import ActlabError
+from actlab.sae.model import SparseAutoencoder
+
+__all__ = ["evaluate_sae"]
+
+
+@torch.no_grad()
+def evaluate_sae(sae: SparseAutoencoder, x: torch.Tensor, *, chunk: int = 8192, dense_above: float = 0.1) -> dict:
+    """``fvu`` (residual sum of squares over the total about the mean), ``mse`` (per element), ``l0`` (mean
+    active latents per row), ``dead_fraction`` (latents that never fire on ``x``), ``dense_fraction``
+    (firing on more than ``dense_above`` of rows), ``cosine`` (mean cosine of each row with its
+    reconstruction) and ``n`` (rows)."""
+    sae.check_input(x)
+    if x.shape[0] < 2 or not bool(torch.isfinite(x).all()):
+        raise ActlabError("evaluate_sae needs at least 2 rows of finite activations")
+    was_training = sae.training
+    sae.eval()
+    x = x.float()
+    mean = x.mean(0, dtype=torch.float64)
+    rss = tss = cos = l0 = 0.0
+    fires = torch.zeros(sae.n_latents, dtype=torch.int64)
+    try:
+        for part in x.split(chunk):
+            recon, z = sae(part)
+            rss += float((recon - part).double().pow(2).sum())
+            tss += float((part.double() - mean).pow(2).sum())
+            cos += float(torch.nn.functional.cosine_similarity(recon, part, dim=1, eps=1e-12).double().sum())
+            active = z > 0
+            l0 += float(active.sum())
+            fires += active.sum(0)
+    finally:
+        sae.train(was_training)
+    n = x.shape[0]
+    return {"fvu": rss / max(tss, 1e-300), "mse": rss / (n * sae.d_in), "l0": l0 / n,
+            "dead_fraction": float((fires == 0).float().mean()),
+            "dense_fraction": float((fires > dense_above * n).float().mean()), "cosine": cos / n, "n": n}
