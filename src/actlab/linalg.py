@@ -131,7 +131,8 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, *, lambdas: Sequence[float] = LA
         raise ActlabError("no ridge λ given: pass at least one value")
     n = x.shape[0]
     x, y = x.double(), y.double()
-    shift_x, shift_y = (x.mean(0), y.mean(0)) if center else (torch.zeros(x.shape[1]).double(), torch.zeros(y.shape[1]).double())
+    shift_x = x.mean(0) if center else torch.zeros_like(x[0])
+    shift_y = y.mean(0) if center else torch.zeros_like(y[0])
     xs, ys = x - shift_x, y - shift_y  # the sums below are taken around the overall means: no cancellation
     train, val = split_indices(n, held_out_count(n, holdout, at_least=1), seed, sort=False)
     m_train, m_val = _Moments.of(xs[train], ys[train]), _Moments.of(xs[val], ys[val])

@@ -18,7 +18,7 @@ from actlab.errors import ActlabError
 from actlab.interventions.base import Intervention
 from actlab.interventions.types import LowRankAdapter, SteeringVector
 
-__all__ = ["random_adapter_like", "random_in_donor", "mean_delta_norm", "rel_change", "RandomControls",
+__all__ = ["random_adapter_like", "random_in_donor", "mean_delta_norm", "RandomControls",
            "random_controls"]
 
 
@@ -55,11 +55,6 @@ def mean_delta_norm(item: Intervention, h: torch.Tensor) -> float:
     """Mean ``‖coef · Δ(h)‖`` over the rows of ``h``."""
     with torch.no_grad():
         return float((item.coef * item.delta(h)).norm(dim=-1).mean())
-
-
-def rel_change(item: Intervention, h: torch.Tensor) -> float:
-    """Mean ``‖coef · Δ(h)‖ / ‖h‖`` over the rows of ``h``: how far the edit moves the stream."""
-    return float(((item.coef * item.delta(h)).norm(dim=-1) / h.norm(dim=-1).clamp_min(1e-12)).mean())
 
 
 @dataclass

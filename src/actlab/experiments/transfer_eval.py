@@ -60,12 +60,12 @@ from actlab.experiments.genre_data import (
 )
 from actlab.experiments.genre_scoring import DEFAULT_NEW_TOKENS, ScoringConfig
 from actlab.experiments.transfer_compute import compute_accounting
-from actlab.experiments.transfer_controls import RandomControls, mean_delta_norm, random_controls, rel_change
+from actlab.experiments.transfer_controls import RandomControls, mean_delta_norm, random_controls
 from actlab.experiments.transfer_results import N_RANDOM, TransferEvaluation
 from actlab.experiments.transfer_scoring import score_donor, score_recipient
 from actlab.interventions.types import LowRankAdapter
 from actlab.transfer.converters import PASTE_LAMBDAS
-from actlab.transfer.paste import DEFAULT_MAX_GAIN
+from actlab.transfer.paste import DEFAULT_MAX_GAIN, mean_rel_change
 from actlab.transfer.pipeline import PasteResult, paste_between
 from actlab.transfer.profiles import POSITIONS, resolve_positions
 
@@ -197,7 +197,8 @@ def evaluation_data(donor, recipient, config: TransferEvalConfig) -> EvalData:
         raise ActlabError(f"{len(overlap)} evaluation prompt(s) or contrast text(s) are also profile prompts "
                           f"(e.g. {next(iter(overlap))[:60]!r}); keep them apart")
     if config.profile_contrast:  # repeated texts weight their rows in the ridge fit
-        extra = [t for t in setup.contrast.pos + setup.contrast.neg if t not in set(profile)]
+        known = set(profile)
+        extra = [t for t in setup.contrast.pos + setup.contrast.neg if t not in known]
         profile = profile + extra * int(config.profile_contrast)
     positions, note = resolve_positions(config.positions, donor, recipient, profile)
     return EvalData(setup, prompts, profile, positions, [note] if note else [])
@@ -252,8 +253,8 @@ def diagnostics(kind: str, donor_edit, transfer: PasteResult, direct, controls: 
     h_d = transfer.donor_profile.acts[int(donor_edit.site.split(".")[1])]
     h_r = transfer.recipient_profile.acts[int(pasted.site.split(".")[1])]
     out: dict[str, Any] = {
-        "donor_rel_change": rel_change(donor_edit, h_d), "pasted_rel_change": rel_change(pasted, h_r),
-        "direct_rel_change": rel_change(direct, h_r),
+        "donor_rel_change": mean_rel_change(donor_edit, h_d), "pasted_rel_change": mean_rel_change(pasted, h_r),
+        "direct_rel_change": mean_rel_change(direct, h_r),
         "random_raw_size_over_pasted": [s / controls.target_size for s in controls.raw_sizes],
         "random_draw_effects": random_draws,
         "pasted_mean_delta_norm": controls.target_size, "direct_mean_delta_norm": mean_delta_norm(direct, h_r),

@@ -62,17 +62,26 @@ def _edit_subspace(directions: torch.Tensor) -> torch.Tensor | None:
     return u[:, s > s.max() * 1e-6]
 
 
+def _round_trip(converters: ConverterSet, donor_layer: int,
+                directions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(Q, eigenvalues, eigenvectors)`` of the round trip u ↦ u C_DR C_RD restricted to the span of
+    ``directions`` (Q its orthonormal basis), or None when the directions are all zero."""
+    Q = _edit_subspace(directions)
+    if Q is None:
+        return None
+    C_dr = converters.to_recipient[donor_layer].weight.double()
+    C_rd = converters.to_donor[donor_layer].weight.double()
+    K = Q.T @ C_dr @ C_rd @ Q
+    evals, evecs = torch.linalg.eigh((K + K.T) / 2)
+    return Q, evals, evecs
+
+
 def shared_correlations(converters: ConverterSet, donor_layer: int, directions: torch.Tensor) -> list[float]:
     """√ of the round trip u ↦ u C_DR C_RD's eigenvalues on the span of ``directions``: per direction, how
     much of the donor's variation there the recipient follows (1 under a change of basis; for one variable
     the correlation ρ, since b_yx·b_xy = ρ²)."""
-    Q = _edit_subspace(directions)
-    if Q is None:
-        return []
-    C_dr = converters.to_recipient[donor_layer].weight.double()
-    C_rd = converters.to_donor[donor_layer].weight.double()
-    K = Q.T @ C_dr @ C_rd @ Q
-    return [round(float(x), 4) for x in torch.linalg.eigvalsh((K + K.T) / 2).clamp(0.0, 1.0).sqrt()]
+    trip = _round_trip(converters, donor_layer, directions)
+    return [] if trip is None else [round(float(x), 4) for x in trip[1].clamp(0.0, 1.0).sqrt()]
 
 
 def expected_ratio(shared: list[float], gains: list[float] | None) -> float:
@@ -91,12 +100,10 @@ def deattenuated_map(converters: ConverterSet, donor_layer: int, directions: tor
     [d_D, d_R] output map and the gains applied (1/√ of the round trip's eigenvalues, ≤ ``max_gain``),
     in the order of ``shared_correlations``."""
     C_dr = converters.to_recipient[donor_layer].weight.double()
-    C_rd = converters.to_donor[donor_layer].weight.double()
-    Q = _edit_subspace(directions)
-    if Q is None:
+    trip = _round_trip(converters, donor_layer, directions)
+    if trip is None:
         return C_dr.float(), []
-    K = Q.T @ C_dr @ C_rd @ Q
-    evals, evecs = torch.linalg.eigh((K + K.T) / 2)
+    Q, evals, evecs = trip
     gains = evals.clamp(min=1.0 / max_gain**2, max=1.0).rsqrt()
     P = Q @ evecs @ torch.diag(gains - 1) @ evecs.T @ Q.T  # I + P scales the subspace, leaves the rest
     return (C_dr + P @ C_dr).float(), [round(float(g), 4) for g in gains]
@@ -183,8 +190,10 @@ def paste(intervention: Intervention | Composition, converters: ConverterSet, re
     return pasted[0] if len(pasted) == 1 else Composition(pasted)
 
 
-def _mean_rel_change(item: Intervention, h: torch.Tensor) -> float:
-    return float(((item.coef * item.delta(h)).norm(dim=-1) / h.norm(dim=-1).clamp_min(1e-12)).mean())
+def mean_rel_change(item: Intervention, h: torch.Tensor) -> float:
+    """Mean ``‖coef · Δ(h)‖ / ‖h‖`` over the rows of ``h``: how far the edit moves the stream it edits."""
+    with torch.no_grad():
+        return float(((item.coef * item.delta(h)).norm(dim=-1) / h.norm(dim=-1).clamp_min(1e-12)).mean())
 
 
 def calibrate_scale(donor_edit, pasted, donor_profile, recipient_profile) -> Intervention | Composition:
@@ -202,8 +211,8 @@ def calibrate_scale(donor_edit, pasted, donor_profile, recipient_profile) -> Int
         if isinstance(r_item, AffineMap):
             h_d = donor_profile.acts[int(d_item.site.split(".")[1])]
             h_r = recipient_profile.acts[int(r_item.site.split(".")[1])]
-            have = _mean_rel_change(r_item, h_r)
-            factor = _mean_rel_change(d_item, h_d) / have if have > 0 else 1.0
+            have = mean_rel_change(r_item, h_r)
+            factor = mean_rel_change(d_item, h_d) / have if have > 0 else 1.0
             r_item = dataclasses.replace(  # in the weights, so coefficient 1 stays "the donor's edit"
                 r_item, bias=r_item.bias * factor, diag=None if r_item.diag is None else r_item.diag * factor,
                 U=None if r_item.U is None else r_item.U * factor,
@@ -222,10 +231,8 @@ def predicted_effect(donor_edit, pasted, donor_profile, recipient_profile, conve
     for d_item, r_item in zip(donor_edit.edits(), pasted.edits()):
         d_layer, r_layer = int(d_item.site.split(".")[1]), int(r_item.site.split(".")[1])
         h_d, h_r = donor_profile.acts[d_layer], recipient_profile.acts[r_layer]
-        rel_d = (d_item.coef * d_item.delta(h_d)).norm(dim=-1) / h_d.norm(dim=-1).clamp_min(1e-12)
-        rel_r = (r_item.coef * r_item.delta(h_r)).norm(dim=-1) / h_r.norm(dim=-1).clamp_min(1e-12)
         rows.append({"donor_site": d_item.site, "recipient_site": r_item.site, "kind": d_item.kind,
-                     "donor_rel_norm": float(rel_d.mean()), "recipient_rel_norm": float(rel_r.mean()),
+                     "donor_rel_norm": mean_rel_change(d_item, h_d), "recipient_rel_norm": mean_rel_change(r_item, h_r),
                      "expected_ratio": r_item.params.get("expected_ratio"),
                      "r2_to_donor": converters.to_donor[d_layer].r2,
                      "r2_to_recipient": converters.to_recipient[d_layer].r2})
