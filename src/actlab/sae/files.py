@@ -55,10 +55,12 @@ def sae_from_config(fields: HeaderFields, config: dict) -> SparseAutoencoder:
     kind = fields.item(config, "kind", str, where)
     k = fields.item(config, "k", (int, type(None)), where)
     bandwidth = fields.item(config, "bandwidth", NUMBER, where, 0.001)
-    if not (0 < d_in <= 1 << 20 and 0 < n <= 1 << 24):
-        raise fields.damaged(f"its config has an implausible shape (d_in {d_in}, n_latents {n})")
+    d_out = fields.item(config, "d_out", (int, type(None)), where, None)
+    skip = fields.item(config, "skip", bool, where, False)
+    if not (0 < d_in <= 1 << 20 and 0 < n <= 1 << 24 and (d_out is None or 0 < d_out <= 1 << 20)):
+        raise fields.damaged(f"its config has an implausible shape (d_in {d_in}, n_latents {n}, d_out {d_out})")
     try:
-        return SparseAutoencoder(d_in, n, kind, k, bandwidth=float(bandwidth))
+        return SparseAutoencoder(d_in, n, kind, k, d_out=d_out, skip=skip, bandwidth=float(bandwidth))
     except ActlabError as e:
         raise fields.damaged(f"its config is invalid ({e})") from None
 

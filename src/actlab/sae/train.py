@@ -17,6 +17,9 @@ remaining steps exactly — on the same machine, torch version and thread count.
 - a one-shot iterator (a generator): trains, but cannot resume from a checkpoint.
 
 Batch size is then the caller's (the config's ``batch_size`` is used for tensors only).
+
+A **transcoder** (``d_out`` given) trains on pairs: a tuple ``(inputs [N, d_in], targets [N, d_out])``
+of tensors, or functions / iterables that give such pairs per step.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from actlab.engine.progress import progress_bar
 from actlab.errors import ActlabError
 from actlab.files import HeaderFields, load_tensors, save_tensors
 from actlab.sae.files import read_state
-from actlab.sae.model import KINDS, SparseAutoencoder
+from actlab.sae.model import TRAINABLE_KINDS, SparseAutoencoder
 
 __all__ = ["CHECKPOINT_NAME", "SAETrainConfig", "SAETrainResult", "train_sae"]
 
@@ -57,6 +60,7 @@ class SAETrainConfig(Config):
 
     n_latents: int = 4096
     kind: str = "topk"
+    skip: bool = False
     k: int = 32
     lr: float | None = None
     batch_size: int = 4096
@@ -76,7 +80,7 @@ class SAETrainConfig(Config):
     def validate(self) -> None:
         check_fields(self, positive_ints=("n_latents", "k", "batch_size", "steps", "dead_after", "checkpoint_every",
                                           "log_every"),
-                     positive_numbers=("aux_coef", "l0_coef", "bandwidth"), choices={"kind": KINDS})
+                     positive_numbers=("aux_coef", "l0_coef", "bandwidth"), choices={"kind": TRAINABLE_KINDS})
         if self.lr is not None:
             check_fields(self, positive_numbers=("lr",))
         for name in ("aux_k", "warmup_steps", "seed"):
@@ -115,14 +119,15 @@ class SAETrainResult:
 class _Batches:
     """``get(step)``: the batch of a step, the same whatever step training (re)started from."""
 
-    def __init__(self, batches: Any, d_in: int, config: SAETrainConfig):
-        self.d_in, self.config, self.source = d_in, config, batches
+    def __init__(self, batches: Any, d_in: int, config: SAETrainConfig, d_out: int | None = None):
+        self.d_in, self.d_out, self.config, self.source = d_in, d_out, config, batches
         self._iter, self._next, self._perm, self._cached = None, 0, (None, None), None
-        if isinstance(batches, torch.Tensor):
+        if _is_pair(batches) or isinstance(batches, torch.Tensor):
             self.mode = "tensor"
-            _check_batch(batches, d_in, "the training tensor")
-            if batches.shape[0] < config.batch_size:
-                raise ActlabError(f"the training tensor has {batches.shape[0]} rows, fewer than batch_size "
+            self._check(batches, "the training tensor")
+            rows = batches[0].shape[0] if _is_pair(batches) else batches.shape[0]
+            if rows < config.batch_size:
+                raise ActlabError(f"the training tensor has {rows} rows, fewer than batch_size "
                                   f"({config.batch_size}); lower batch_size or give more activations")
         elif callable(batches):
             self.mode = "function"
@@ -140,25 +145,48 @@ class _Batches:
         for _ in range(step if self.mode == "iterable" else 0):
             self._pull(step)
 
-    def first_sample(self) -> torch.Tensor:
-        """Data for the decoder-bias and scale initialisation: the whole tensor, else step 0's batch
-        (kept, so that an iterator's first batch is still trained on)."""
+    def first_sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Data for the decoder-bias and scale initialisation, as (inputs, targets): the tensor's first
+        65,536 rows, else step 0's batch (kept, so that an iterator's first batch is still trained on)."""
         if self.mode == "tensor":
-            return self.source[:65536].float()
+            if _is_pair(self.source):
+                return self.source[0][:65536].float(), self.source[1][:65536].float()
+            x = self.source[:65536].float()
+            return x, x
         self._cached = self.get(0)
         return self._cached
 
-    def get(self, step: int) -> torch.Tensor:
+    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of a step; the targets are the inputs for an SAE."""
         if step == 0 and self._cached is not None:
-            x, self._cached = self._cached, None
-        elif self.mode == "tensor":
-            x = self._from_tensor(step)
+            batch, self._cached = self._cached, None
+            return batch
+        if self.mode == "tensor":
+            batch = self._from_tensor(step)
         elif self.mode == "function":
-            x = self.source(step)
+            batch = self.source(step)
         else:
-            x = self._pull(step)
-        _check_batch(x, self.d_in, f"the batch of step {step}")
-        return x.float()
+            batch = self._pull(step)
+        self._check(batch, f"the batch of step {step}")
+        if _is_pair(batch):
+            return batch[0].float(), batch[1].float()
+        x = batch.float()
+        return x, x
+
+    def _check(self, batch: Any, what: str) -> None:
+        if self.d_out is None:
+            if _is_pair(batch):
+                raise ActlabError(f"{what} is a pair (inputs, targets), which only a transcoder takes; "
+                                  "give the activations alone, or pass d_out= to train a transcoder")
+            _check_batch(batch, self.d_in, what)
+            return
+        if not _is_pair(batch):
+            raise ActlabError(f"{what} should be a pair (inputs [N, {self.d_in}], targets [N, {self.d_out}]) for a "
+                              f"transcoder, not {type(batch).__name__}")
+        _check_batch(batch[0], self.d_in, f"{what} (inputs)")
+        _check_batch(batch[1], self.d_out, f"{what} (targets)")
+        if batch[0].shape[0] != batch[1].shape[0]:
+            raise ActlabError(f"{what}: {batch[0].shape[0]} inputs but {batch[1].shape[0]} targets")
 
     def _pull(self, step: int) -> torch.Tensor:
         try:
@@ -168,14 +196,21 @@ class _Batches:
             raise ActlabError(f"the batches ran out at step {step} (after {self._next - 1}); give more data "
                               "or fewer steps") from None
 
-    def _from_tensor(self, step: int) -> torch.Tensor:
-        n, b = self.source.shape[0], self.config.batch_size
+    def _from_tensor(self, step: int):
+        n, b = (self.source[0] if _is_pair(self.source) else self.source).shape[0], self.config.batch_size
         per_epoch = n // b
         epoch, j = divmod(step, per_epoch)
         if self._perm[0] != epoch:
             gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
             self._perm = (epoch, torch.randperm(n, generator=gen))
-        return self.source[self._perm[1][j * b:(j + 1) * b]]
+        rows = self._perm[1][j * b:(j + 1) * b]
+        if _is_pair(self.source):
+            return self.source[0][rows], self.source[1][rows]
+        return self.source[rows]
+
+
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, torch.Tensor) for v in value)
 
 
 def _check_batch(x: Any, d_in: int, what: str) -> None:
@@ -259,13 +294,14 @@ def _load_checkpoint(path: Path, run: _Run, config: SAETrainConfig) -> None:
 
 
 # ------------------------------------------------------------------ one step
-def _step(run: _Run, x: torch.Tensor, config: SAETrainConfig) -> dict:
-    """One optimiser step on batch ``x``; returns the batch's loss, FVU and L0."""
+def _step(run: _Run, x: torch.Tensor, y: torch.Tensor, config: SAETrainConfig) -> dict:
+    """One optimiser step on inputs ``x`` and targets ``y`` (``x`` itself for an SAE); returns the batch's
+    loss, FVU and L0."""
     sae = run.sae
-    xs = x * sae.input_scale
+    xs = y * sae.target_scale
     pre = sae.pre_activations(x)
     z = sae.activate(pre)
-    recon = z @ sae.W_dec + sae.b_dec
+    recon = sae.decode_scaled(z, x)
     variance = (xs - xs.mean(0)).pow(2).sum().clamp_min(1e-12)
     fvu = (recon - xs).pow(2).sum() / variance
     loss = fvu
@@ -300,9 +336,10 @@ def _aux_loss(sae: SparseAutoencoder, pre: torch.Tensor, dead: torch.Tensor, res
 
 # ------------------------------------------------------------------ the trainer
 def train_sae(batches: torch.Tensor | Callable[[int], torch.Tensor] | Iterable[torch.Tensor], d_in: int,
-              config: SAETrainConfig | None = None, *, checkpoint_dir: str | Path | None = None,
-              progress: bool = False, **overrides) -> SAETrainResult:
-    """Train an SAE on ``batches`` (see the module docstring for the accepted kinds and resuming).
+              config: SAETrainConfig | None = None, *, d_out: int | None = None,
+              checkpoint_dir: str | Path | None = None, progress: bool = False, **overrides) -> SAETrainResult:
+    """Train an SAE on ``batches`` (see the module docstring for the accepted kinds and resuming);
+    with ``d_out`` a transcoder on (input, target) pairs.
 
     With ``checkpoint_dir`` a checkpoint is written every ``checkpoint_every`` steps and at the end;
     if the folder already holds one (made with the same options), training continues from it.
@@ -310,22 +347,22 @@ def train_sae(batches: torch.Tensor | Callable[[int], torch.Tensor] | Iterable[t
     config = SAETrainConfig.with_overrides(config, overrides)
     if isinstance(d_in, bool) or not isinstance(d_in, int) or d_in < 1:
         raise ActlabError(f"d_in must be a positive integer, not {d_in!r}")
-    data = _Batches(batches, d_in, config)
-    sae = SparseAutoencoder(d_in, config.n_latents, config.kind, config.k, bandwidth=config.bandwidth,
-                            seed=config.seed)
+    data = _Batches(batches, d_in, config, d_out)
+    sae = SparseAutoencoder(d_in, config.n_latents, config.kind, config.k, d_out=d_out, skip=config.skip,
+                            bandwidth=config.bandwidth, seed=config.seed)
     run = _Run(sae, _Adam(sae), torch.zeros(config.n_latents, dtype=torch.int64))
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if directory is not None and (directory / CHECKPOINT_NAME).exists():
         _load_checkpoint(directory / CHECKPOINT_NAME, run, config)
     data.start(run.step)
     if run.step == 0:
-        _initialise(sae, data.first_sample(), config)
+        _initialise(sae, *data.first_sample(), config)
     resumed_from, began = run.step, time.perf_counter()
     sae.train()
     with progress_bar("SAE", config.steps, unit="step", enabled=progress) as bar:
         bar.advance(run.step)
         while run.step < config.steps:
-            stats = _step(run, data.get(run.step), config)
+            stats = _step(run, *data.get(run.step), config)
             if run.step % config.log_every == 0 or run.step == config.steps:
                 stats.update(step=run.step, dead_fraction=float((run.since_fired >= config.dead_after).float().mean()))
                 run.history.append(stats)
@@ -338,8 +375,15 @@ def train_sae(batches: torch.Tensor | Callable[[int], torch.Tensor] | Iterable[t
 
 
 @torch.no_grad()
-def _initialise(sae: SparseAutoencoder, sample: torch.Tensor, config: SAETrainConfig) -> None:
-    """Input scale to unit mean squared norm and the decoder bias at the (scaled) data mean."""
+def _initialise(sae: SparseAutoencoder, x: torch.Tensor, y: torch.Tensor, config: SAETrainConfig) -> None:
+    """Input (and a transcoder's target) scale to unit mean squared norm; the decoder bias at the
+    (scaled) target mean."""
     if config.normalize_input:
-        sae.input_scale.fill_(1.0 / float(sample.pow(2).sum(1).mean().sqrt().clamp_min(1e-12)))
-    sae.b_dec.copy_(sample.mean(0) * sae.input_scale)
+        sae.input_scale.fill_(_unit_scale(x))
+        if sae.transcoder:
+            sae.output_scale.fill_(_unit_scale(y))
+    sae.b_dec.copy_(y.mean(0) * sae.target_scale)
+
+
+def _unit_scale(x: torch.Tensor) -> float:
+    return 1.0 / float(x.pow(2).sum(1).mean().sqrt().clamp_min(1e-12))
