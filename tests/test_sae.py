@@ -103,23 +103,23 @@ def _by_step(x):
 @pytest.mark.parametrize("source", ["tensor", "function"])
 def test_resume_is_bit_identical(tmp_path, data, monkeypatch, source):
     """Interrupt a 60-step run at step 45 (checkpoints every 20), resume: the weights equal an uninterrupted run's."""
-    import actlab.sae.train as train_module
+    from actlab.sae.batches import StepBatches
 
     x = data[0][:4096]
     make = (lambda: x) if source == "tensor" else (lambda: _by_step(x))
     cfg = SAETrainConfig(steps=60, checkpoint_every=20, **{**FAST, "batch_size": 128})
     whole = train_sae(make(), 32, cfg).sae
-    real_get = train_module._Batches.get
+    real_get = StepBatches.get
 
     def get(self, step):
         if step == 45:
             raise KeyboardInterrupt
         return real_get(self, step)
 
-    monkeypatch.setattr(train_module._Batches, "get", get)
+    monkeypatch.setattr(StepBatches, "get", get)
     with pytest.raises(KeyboardInterrupt):
         train_sae(make(), 32, cfg, checkpoint_dir=tmp_path)
-    monkeypatch.setattr(train_module._Batches, "get", real_get)
+    monkeypatch.setattr(StepBatches, "get", real_get)
     resumed = train_sae(make(), 32, cfg, checkpoint_dir=tmp_path)
     assert resumed.resumed_from == 40 and resumed.steps == 60
     for name, value in whole.state_dict().items():

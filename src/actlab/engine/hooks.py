@@ -76,6 +76,17 @@ class Edit(Protocol):
 Reader = Callable[[str, torch.Tensor, ForwardState], None]
 
 
+class SiteView(Protocol):
+    """A virtual site computed from the tensor at its hook point (an attached SAE's latents).
+
+    ``apply`` gets the hook's tensor and the site's edits and readers: it shows the readers its own
+    view of the tensor, applies the edits in that view, and returns the new tensor and whether it
+    changed. The site map lends views through ``views`` (site name -> view)."""
+
+    def apply(self, h: torch.Tensor, state: ForwardState, edits: list, readers: list,
+              site: str) -> tuple[torch.Tensor, bool]: ...
+
+
 class StopForward(Exception):
     """Raised by a reader once every requested site is read, to skip the rest of the model."""
 
@@ -258,8 +269,7 @@ class HookManager:
         finally:
             mine.inside = False
 
-    @staticmethod
-    def _apply_inside(mine: _ThreadHooks, sites: tuple[str, ...], h: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def _apply_inside(self, mine: _ThreadHooks, sites: tuple[str, ...], h: torch.Tensor) -> tuple[torch.Tensor, bool]:
         state = mine.state
         flat_shape = None
         if h.ndim == 2 and h.shape[0] == state.batch_size * state.length:
@@ -267,7 +277,14 @@ class HookManager:
             h = h.view(state.batch_size, state.length, -1)
         changed = False
         edits, readers = mine.edits, mine.readers
+        views = getattr(self.sitemap, "views", None)
         for site in sites:
+            view = views.get(site) if views else None
+            if view is not None:
+                h, touched = view.apply(h, state, list(edits.get(site, {}).values()),
+                                        list(readers.get(site, {}).values()), site)
+                changed = changed or touched
+                continue
             for edit in edits.get(site, {}).values():
                 h = edit(h, state)
                 changed = True

@@ -227,6 +227,12 @@ class Model:
         """Context manager that records ``sites`` for every forward pass the calling thread runs inside it."""
         return Capture(self, sites)
 
+    def add_view(self, name: str, base: str, view, width: int) -> Handle:
+        """Add the virtual site ``name`` (an ``engine.hooks.SiteView`` at the hook point of ``base``) until the
+        handle is removed: captured, recorded and edited like any site (``actlab.sae.attach`` uses it)."""
+        self.sitemap.add_view(name, base, view, width)
+        return Handle(lambda: self.sitemap.remove_view(name))
+
     def edit(self, *edits) -> Handle:
         """Apply edits (Interventions or engine edits) to the calling thread's forward passes until the handle
         is removed or the block exits (other threads sharing the model are not affected)."""

@@ -190,6 +190,21 @@ class SiteMap:
         if final is not None:
             points["final"] = HookPoint(final, "output", self.d_model)
         self.points = points
+        self.views: dict[str, object] = {}  # virtual sites (engine.hooks.SiteView), e.g. an SAE's latents
+
+    def add_view(self, name: str, base: str, view, width: int) -> None:
+        """Register the virtual site ``name``, computed by ``view`` at the hook point of ``base``."""
+        point = self[base]
+        if name in self.points and name not in self.views:
+            raise ActlabError(f"'{name}' is already a site of {self.model_class}; choose another name")
+        if not re.fullmatch(r"[a-z_][a-z0-9_]*(\.[a-z0-9_]+)+", name):
+            raise ActlabError(f"a virtual site needs a dotted lower-case name such as 'sae.resid.2', not {name!r}")
+        self.points[name] = HookPoint(point.module_path, point.mode, int(width))
+        self.views[name] = view
+
+    def remove_view(self, name: str) -> None:
+        if self.views.pop(name, None) is not None:
+            self.points.pop(name, None)
 
     def _find_final_norm(self, hf_model: nn.Module) -> str | None:
         parent = self.blocks_path.rsplit(".", 1)[0] if "." in self.blocks_path else ""
@@ -267,7 +282,7 @@ class SiteMap:
         if selector in self.points:
             return [selector]
         if selector in ("*", "all"):
-            return list(self.points)
+            return [name for name in self.points if name not in self.views]
         match = re.fullmatch(r"([a-z_.]+?)\.(\*|-?\d+|\d+-\d+|mid)", selector)
         if not match:
             self._unknown(selector)
@@ -301,6 +316,9 @@ class SiteMap:
         return [f"{kind}.{layer}" for layer in layers]
 
     def _unknown(self, selector: str):
+        if selector.startswith("sae."):
+            raise ActlabError(f"'{selector}' is the site of an attached SAE's latents, and no SAE is attached there: "
+                              f"attach one first (actlab.sae.attach(model, sae, '{selector[4:]}'), or --sae FILE)")
         raise ActlabError(
             f"unknown site '{selector}' for {self.model_class}; available sites: {self.describe()} "
             "(selectors: resid.*, mlp.hidden.1-3, resid.-1, resid.mid)"

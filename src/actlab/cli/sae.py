@@ -1,0 +1,200 @@
+"""``actlab sae``: train, evaluate and read sparse autoencoders and transcoders; make latent edits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from actlab.cli import (
+    DeviceOpt, DtypeOpt, ModelArg, app, at_least, console, friendly, load_model, one_of, positive, takes,
+)
+from actlab.errors import ActlabError
+
+sae_app = typer.Typer(help="Sparse autoencoders and transcoders: train, evaluate, read latents, edit them.",
+                      no_args_is_help=True)
+app.add_typer(sae_app, name="sae")
+
+TEXT_HELP = ("Training text: .txt / .jsonl documents (default: actlab's bundled 2.1M-token training text, "
+             "`actlab.datasets.training_text()`).")
+
+
+def _texts(data: Optional[Path]):
+    if data is None:
+        return None
+    from actlab.io import read_documents
+
+    docs = list(read_documents(data))
+    if not docs or not isinstance(docs[0], str):
+        raise ActlabError(f"{data}: SAE training reads text documents (.txt or .jsonl), not token ids")
+    return docs
+
+
+def _load(path: Path):
+    from actlab.sae.interop import load_external
+    from actlab.sae.pipeline import SAE_FILE
+
+    target = path / SAE_FILE if path.is_dir() and (path / SAE_FILE).exists() else path
+    return load_external(target)
+
+
+class TrainOptions:
+    model: str = ModelArg
+    site: str = typer.Option("resid.mid", help="The site the SAE reads (a transcoder: the MLP output mlp.i it predicts).")
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (actlab-sae.safetensors, train.json; rerun to resume).")
+    expansion: int = typer.Option(8, help="Latents per input dimension.")
+    k: int = typer.Option(32, help="Active latents per token (TopK / BatchTopK).")
+    kind: str = typer.Option("topk", help="topk, batchtopk or jumprelu.")
+    tokens: Optional[int] = typer.Option(None, help="Training tokens (default: one pass over the data).")
+    data: Optional[Path] = typer.Option(None, help=TEXT_HELP)
+    store: Optional[Path] = typer.Option(None, help="Train from a recorded store (`actlab record`) instead of text.")
+    transcoder: bool = typer.Option(False, help="Train a transcoder: read mlp.in.i, predict mlp.i.")
+    skip: bool = typer.Option(False, help="Add a linear skip connection.")
+    batch_size: int = typer.Option(4096, help="Tokens per training step.")
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: 2e-4 / sqrt(latents / 16384)).")
+    seed: int = typer.Option(0, help="Seed of the initial weights and the data order.")
+    device: str = DeviceOpt
+    dtype: str = DtypeOpt
+
+
+@sae_app.command("train")
+@friendly
+@takes(TrainOptions)
+def sae_train(o: TrainOptions):
+    """Train an SAE (or transcoder) on a site, streaming activations from the model or reading a store."""
+    from actlab.sae.pipeline import SAE_FILE, TrainPlan, train_on_model
+
+    one_of(o.kind, ("topk", "batchtopk", "jumprelu"), "--kind")
+    for value, option in ((o.expansion, "--expansion"), (o.k, "--k"), (o.batch_size, "--batch-size"),
+                          (o.tokens, "--tokens")):
+        at_least(value, 1, option)
+    positive(o.lr, "--lr")
+    if o.store is not None and o.data is not None:
+        raise ActlabError("give --data or --store, not both")
+    m = load_model(o.model, o.device, o.dtype)
+    store = None
+    if o.store is not None:
+        from actlab.store import Store
+
+        store = Store(o.store)
+    result = train_on_model(m, TrainPlan(o.site, o.expansion, o.tokens, o.transcoder), o.out,
+                            texts=_texts(o.data), store=store, progress=True, kind=o.kind, k=o.k,
+                            batch_size=o.batch_size, lr=o.lr, seed=o.seed, skip=o.skip)
+    last = result.history[-1] if result.history else {}
+    console.print(f"[green]trained[/] {result.sae.n_latents} latents, {result.steps} steps "
+                  f"(resumed from {result.resumed_from}): fvu {last.get('fvu', float('nan')):.3f}, "
+                  f"L0 {last.get('l0', float('nan')):.1f} → {escape(str(o.out / SAE_FILE))}")
+
+
+@sae_app.command("eval")
+@friendly
+def sae_eval(
+    sae: Path = typer.Argument(..., help="An SAE: our .safetensors (or its folder), a SAELens or a sparsify folder."),
+    model: str = ModelArg,
+    site: Optional[str] = typer.Option(None, help="The site it reconstructs (default: the one its file records)."),
+    data: Optional[Path] = typer.Option(None, help="Held-out text (default: the bundled eval split)."),
+    max_tokens: int = typer.Option(50_000, help="Tokens to evaluate on."),
+    spliced: bool = typer.Option(True, help="Also measure the spliced LM loss (runs the model 4 times)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the metrics as JSON here."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+):
+    """MSE, FVU, L0, dead and dense latents, the density histogram, and the spliced CE / KL / CE recovered."""
+    from actlab.files import write_json
+    from actlab.sae.pipeline import evaluate_on_model
+
+    at_least(max_tokens, 2, "--max-tokens")
+    loaded, info = _load(sae)
+    where = site or info.get("site") or info.get("hook_name")
+    if not where:
+        raise ActlabError(f"{sae} does not say which site it reads: pass --site")
+    m = load_model(model, device, dtype)
+    metrics = evaluate_on_model(m, loaded, where, texts=_texts(data), max_tokens=max_tokens, spliced=spliced,
+                                progress=True)
+    table = Table(title=f"{escape(str(sae))} on {m.name} {where}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            table.add_row(key, f"{value:.4g}")
+        elif isinstance(value, int):
+            table.add_row(key, f"{value:,}")
+    console.print(table)
+    hist = metrics["density_histogram"]
+    console.print("latents per firing-rate decade (1e-7 … 1): " + " ".join(map(str, hist["counts"]))
+                  + f"; never fired: {hist['never']}")
+    if out is not None:
+        write_json(out, metrics)
+
+
+@sae_app.command("latents")
+@friendly
+def sae_latents(
+    sae: Path = typer.Argument(..., help="An SAE file or folder."),
+    model: str = ModelArg,
+    site: Optional[str] = typer.Option(None, help="The site it reads (default: from its file)."),
+    latent: Optional[str] = typer.Option(None, help="Latents to show, comma separated (default: 8 across the firing rates)."),
+    top: int = typer.Option(5, help="Contexts per latent."),
+    data: Optional[Path] = typer.Option(None, help="Text to read (default: the bundled eval split)."),
+    max_texts: int = typer.Option(400, help="Texts to read."),
+    device: str = DeviceOpt,
+):
+    """Top-activating contexts of latents."""
+    from actlab.datasets import training_text
+    from actlab.sae.contexts import latent_contexts
+
+    at_least(top, 1, "--top")
+    loaded, info = _load(sae)
+    where = site or info.get("site") or info.get("hook_name")
+    if not where:
+        raise ActlabError(f"{sae} does not say which site it reads: pass --site")
+    chosen = [int(x) for x in latent.split(",")] if latent else None
+    m = load_model(model, device)
+    texts = (_texts(data) or training_text("eval"))[:max_texts]
+    found = latent_contexts(m, loaded, where, texts, latents=chosen, top=top)
+    for index, entry in found["latents"].items():
+        console.print(f"[bold]latent {index}[/] fires on {entry['rate']:.2%} of tokens")
+        for c in entry["contexts"]:
+            console.print(f"  {c.value:7.2f}  {escape(c.before[-60:])!s}[reverse]{escape(c.token)}[/]{escape(c.after)}"
+                          .replace("\n", "⏎"))
+
+
+@sae_app.command("edit")
+@friendly
+def sae_edit(
+    sae: Path = typer.Argument(..., help="An SAE file or folder."),
+    latent: str = typer.Option(..., help="Latent indices, comma separated."),
+    out: Path = typer.Option(..., "--out", "-o", help="The intervention file to write (use it with --edit)."),
+    mode: str = typer.Option("clamp", help="clamp (set), add, scale, or direction (a steering vector along the decoder row)."),
+    value: float = typer.Option(0.0, help="The value: clamp 0 ablates; for direction, the latent activation it stands for."),
+    site: Optional[str] = typer.Option(None, help="The site (default: from the SAE's file)."),
+    model: Optional[str] = typer.Option(None, help="Record this model as the one the edit is for (default: the SAE's)."),
+):
+    """Make an intervention file from SAE latents: clamp / ablate / add / scale them (error term kept), or steer along one."""
+    from actlab.interventions.latents import latent_direction, latent_edit
+
+    one_of(mode, ("clamp", "add", "scale", "direction"), "--mode")
+    loaded, info = _load(sae)
+    where = site or info.get("site") or info.get("hook_name")
+    if not where:
+        raise ActlabError(f"{sae} does not say which site it reads: pass --site")
+    try:
+        latents = [int(x) for x in latent.split(",") if x.strip()]
+    except ValueError:
+        raise ActlabError(f"--latent expects integers separated by commas, not {latent!r}") from None
+    m = load_model(model) if model else None
+    if mode == "direction":
+        if len(latents) != 1:
+            raise ActlabError("--mode direction takes one latent")
+        item = latent_direction(loaded, where, latents[0], scale=value or None, model=m)
+    else:
+        item = latent_edit(loaded, where, latents, value, mode=mode, model=m)
+    if m is None and info.get("model"):
+        item.model = info["model"]
+    item.save(out)
+    console.print(f"[green]wrote[/] {mode} of latent(s) {latents} at {where} → {escape(str(out))} "
+                  "(apply with --edit FILE[:COEF])")
