@@ -320,12 +320,21 @@ def _run_model(folder: Path) -> str | None:
 
 
 # ====================================================================== any of them
+def _is_ours(path: Path) -> bool:
+    """An actlab SAE file, whatever its name (sparsify's weights are also called sae.safetensors)."""
+    try:
+        with open_tensors(path) as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # not safetensors at all: let the folder logic report it
+        return False
+
+
 def load_external(path: str | Path, *, hook: str | None = None,
                   norm_scaling_factor: float | None = None) -> tuple[SparseAutoencoder, dict]:
     """Load an SAE of any layout actlab reads: ours (a file), SAELens or sparsify (folders); ``info["format"]``
     says which. ``hook`` is for sparsify runs, ``norm_scaling_factor`` for SAELens (see their loaders)."""
     path = Path(path)
-    if path.is_file() and path.name in ("cfg.json", SAELENS_WEIGHTS, SPARSIFY_WEIGHTS):
+    if path.is_file() and path.name in ("cfg.json", SAELENS_WEIGHTS, SPARSIFY_WEIGHTS) and not _is_ours(path):
         path = path.parent
     if path.is_file():
         if hook is not None or norm_scaling_factor is not None:

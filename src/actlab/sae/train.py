@@ -282,7 +282,7 @@ class SAETrainer:
 
 def describe(stats: dict) -> str:
     """The progress bar's line for logged stats."""
-    return f"fvu {stats['fvu']:.3f} L0 {stats['l0']:.1f} dead {stats['dead_fraction']:.1%}"
+    return f"loss {stats['loss']:.3f} fvu {stats['fvu']:.3f} L0 {stats['l0']:.1f} dead {stats['dead_fraction']:.1%}"
 
 
 def train_sae(batches: torch.Tensor | Callable[[int], torch.Tensor] | Iterable[torch.Tensor], d_in: int,
