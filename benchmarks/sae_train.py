@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "work-data" / "sae_bench" / "planted-d256-a2048-k32.safetensors"
+DATA_DIR = ROOT / "work-data" / "sae_bench"
 PEER_PYTHON = ROOT / ".bench-venv" / "bin" / "python"
 D_IN, ATOMS, N_LATENTS, K, BATCH, N_TRAIN, N_TEST, EPOCHS, NOISE = 256, 2048, 2048, 32, 4096, 262_144, 16_384, 4, 0.01
 STEPS = EPOCHS * N_TRAIN // BATCH  # 256
@@ -44,7 +44,12 @@ LIBRARIES = ("actlab", "sparsify", "saelens")
 
 
 # ------------------------------------------------------------------ the data
-def make_data(path: Path = DATA) -> None:
+def data_path(active: int = K) -> Path:
+    return DATA_DIR / f"planted-d{D_IN}-a{ATOMS}-k{active}.safetensors"
+
+
+def make_data(active: int = K) -> None:
+    """The set with ``active`` atoms per token (the spec's is K = 32, the SAE's k; fewer make it easier)."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(13)
@@ -52,19 +57,20 @@ def make_data(path: Path = DATA) -> None:
     atoms /= atoms.norm(dim=1, keepdim=True)
     parts = []
     for start in range(0, N_TRAIN + N_TEST, 16384):
-        index = torch.rand(16384, ATOMS, generator=g).topk(K, dim=1).indices  # K distinct atoms per token
-        codes = torch.rand(16384, K, generator=g) + 0.5
+        index = torch.rand(16384, ATOMS, generator=g).topk(active, dim=1).indices  # distinct atoms per token
+        codes = torch.rand(16384, active, generator=g) + 0.5
         parts.append(F.embedding_bag(index, atoms, per_sample_weights=codes, mode="sum")
                      + NOISE * torch.randn(16384, D_IN, generator=g))
     x = torch.cat(parts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"train": x[:N_TRAIN].contiguous(), "test": x[N_TRAIN:].contiguous(), "atoms": atoms}, str(path))
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    save_file({"train": x[:N_TRAIN].contiguous(), "test": x[N_TRAIN:].contiguous(), "atoms": atoms},
+              str(data_path(active)))
 
 
-def load_data(path: Path = DATA) -> dict[str, torch.Tensor]:
+def load_data(active: int = K) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    return load_file(str(data_path(active)))
 
 
 def batches(train: torch.Tensor, steps: int):
@@ -196,11 +202,11 @@ def run_saelens(data: dict, steps: int):
 RUNNERS = {"actlab": run_actlab, "sparsify": run_sparsify, "sparsify-adam": run_sparsify, "saelens": run_saelens}
 
 
-def worker(library: str, steps: int, evaluate: bool) -> None:
+def worker(library: str, steps: int, evaluate: bool, active: int) -> None:
     """One training in this process: prints its CPU and wall seconds (training only) and, with ``evaluate``,
     its quality on the test set."""
     torch.set_num_threads(1)
-    data = load_data()
+    data = load_data(active)
     extra = {"optimizer": "adam"} if library == "sparsify-adam" else {}
     cpu, wall = time.process_time(), time.perf_counter()
     encode_decode, w_dec = RUNNERS[library](data, steps, **extra)
@@ -210,7 +216,7 @@ def worker(library: str, steps: int, evaluate: bool) -> None:
 
 
 # ------------------------------------------------------------------ the driver
-def spawn(library: str, steps: int, evaluate: bool) -> dict:
+def spawn(library: str, steps: int, evaluate: bool, active: int) -> dict:
     """Run ``worker`` in a fresh process (peers under .bench-venv); its RESULT, or {"error": why}."""
     import os
 
@@ -219,7 +225,8 @@ def spawn(library: str, steps: int, evaluate: bool) -> dict:
         return {"error": "no .bench-venv (see docs/benchmarks.md)"}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
            "WANDB_MODE": "disabled"}
-    command = [python, str(Path(__file__).resolve()), "--worker", library, "--steps", str(steps)]
+    command = [python, str(Path(__file__).resolve()), "--worker", library, "--steps", str(steps), "--active",
+               str(active)]
     done = subprocess.run(command + (["--evaluate"] if evaluate else []), capture_output=True, text=True, env=env)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -262,28 +269,29 @@ def main() -> None:
     parser.add_argument("--timing-steps", type=int, default=32)
     parser.add_argument("--libraries", default=",".join(LIBRARIES + ("sparsify-adam",)))
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--active", type=int, default=K, help="planted atoms per token (default %(default)s, the spec)")
     parser.add_argument("--worker", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=STEPS, help=argparse.SUPPRESS)
     parser.add_argument("--evaluate", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.steps, args.evaluate)
+        return worker(args.worker, args.steps, args.evaluate, args.active)
     torch.set_num_threads(1)
-    if not DATA.exists():
-        make_data()
+    if not data_path(args.active).exists():
+        make_data(args.active)
     libraries = args.libraries.split(",")
     print(f"versions: {versions()}")
-    print(f"set: {N_TRAIN:,} train / {N_TEST:,} test tokens, d_in {D_IN}, {ATOMS} atoms, k {K}; SAE {N_LATENTS} "
+    print(f"set: {N_TRAIN:,} train / {N_TEST:,} test tokens, d_in {D_IN}, {ATOMS} atoms, {args.active} a token; SAE {N_LATENTS} "
           f"latents, k {K}, batch {BATCH}, {STEPS} steps; one thread", flush=True)
     full = {}
     if not args.skip_quality:
         for library in libraries:
-            full[library] = spawn(library, STEPS, True)
+            full[library] = spawn(library, STEPS, True, args.active)
             print(f"  full run {library}: {full[library]}", flush=True)
     timed: dict[str, list[dict]] = {library: [] for library in libraries}
     for _ in range(args.repeats):  # round-robin
         for library in libraries:
-            timed[library].append(spawn(library, args.timing_steps, False))
+            timed[library].append(spawn(library, args.timing_steps, False, args.active))
     speed = {}
     print(f"\n{'library':<15}{'tok/CPU-s':>11}{'tok/wall-s':>12}{'full run tok/CPU-s':>20}{'test FVU':>10}"
           f"{'dead':>8}{'atoms':>8}{'L0':>7}")
