@@ -298,15 +298,17 @@ def main() -> None:
     for library in libraries:
         runs = [r for r in timed[library] if "error" not in r]
         q = full.get(library, {})
-        if not runs:
+        if timed[library] and not runs:
             print(f"{library:<15} not measured: {timed[library][0].get('error')}")
             continue
-        speed[library] = statistics.median(r["tokens"] / r["cpu"] for r in runs)
-        wall = statistics.median(r["tokens"] / r["wall"] for r in runs)
+        cpu = wall = "-"
+        if runs:
+            speed[library] = statistics.median(r["tokens"] / r["cpu"] for r in runs)
+            cpu, wall = f"{speed[library]:,.0f}", f"{statistics.median(r['tokens'] / r['wall'] for r in runs):,.0f}"
         whole = f"{q['tokens'] / q['cpu']:,.0f}" if "cpu" in q else "-"
         scores = (f"{q['fvu']:>10.3f}{q['dead']:>8.1%}{q['atoms']:>8.1%}{q['l0']:>7.1f}" if "fvu" in q
                   else f"  {q.get('error', '')}")
-        print(f"{library:<15}{speed[library]:>11,.0f}{wall:>12,.0f}{whole:>20}{scores}")
+        print(f"{library:<15}{cpu:>11}{wall:>12}{whole:>20}{scores}")
     for peer in ("sparsify", "saelens", "sparsify-adam"):
         if "actlab" in speed and peer in speed:
             print(f"actlab / {peer}: {speed['actlab'] / speed[peer]:.2f}x tokens per CPU-second")

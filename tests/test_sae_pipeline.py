@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from actlab.errors import ActlabError
 from actlab.sae import evaluate_sae, load_sae, train_sae
-from actlab.sae.pipeline import SAE_FILE, TrainPlan, evaluate_on_model, train_on_model
+from actlab.sae.pipeline import SAE_FILE, TrainPlan, evaluate_on_model, train_on_model, train_several
 
 FAST = dict(n_latents=64, batch_size=256, lr=1e-3, steps=200)
 
@@ -90,6 +90,19 @@ def test_train_on_model_writes_a_resumable_run(llama, tmp_path):
     assert metrics["ce_spliced"] >= metrics["ce_clean"] - 1e-4 and "ce_recovered_mean" in metrics
     with pytest.raises(ActlabError, match="transcoder predicts"):
         train_on_model(llama, TrainPlan("resid.1", transcoder=True), tmp_path / "tc", texts=texts)
+
+
+def test_several_sites_from_one_pass_equal_one_at_a_time(llama, tmp_path):
+    texts = [f"row {i} " + "one two three four five " * (1 + i % 4) for i in range(80)]
+    options = dict(texts=texts, k=4, batch_size=256, lr=1e-3)
+    several = train_several(llama, TrainPlan("resid.0,resid.2", expansion=2, tokens=1024), tmp_path / "all", **options)
+    assert sorted(several) == ["resid.0", "resid.2"]
+    alone = train_on_model(llama, TrainPlan("resid.2", expansion=2, tokens=1024), tmp_path / "one", **options)
+    assert torch.equal(several["resid.2"].sae.W_dec, alone.sae.W_dec)
+    sae, info = load_sae(tmp_path / "all" / "resid.0" / SAE_FILE)
+    assert info["site"] == "resid.0" and torch.equal(sae.W_enc, several["resid.0"].sae.W_enc)
+    with pytest.raises(ActlabError, match="train_several"):
+        train_on_model(llama, TrainPlan("resid.*"), tmp_path / "x", texts=texts)
 
 
 @pytest.mark.slow

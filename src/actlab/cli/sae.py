@@ -42,9 +42,29 @@ def _load(path: Path):
     return load_external(target)
 
 
+def _model_for(info: dict, given: Optional[str], path: Path) -> str:
+    if given:
+        return given
+    name = (info.get("model") or {}).get("model_name") or info.get("model_name")
+    if not name:
+        raise ActlabError(f"{path} does not say which model it reads: pass --model")
+    return name
+
+
+def _check_for(info: dict, model, path: Path) -> None:
+    """Refuse an SAE our file says was trained on another model (other libraries' files name the model only)."""
+    from actlab.models.model import same_model
+
+    made_for = info.get("model")
+    if isinstance(made_for, dict) and made_for and not same_model(made_for, model.identity()):
+        raise ActlabError(f"{path} was trained on {made_for.get('model_name', 'another model')}, not {model.name}; "
+                          "evaluate it on that model (or train one for this model with `actlab sae train`)")
+
+
 class TrainOptions:
     model: str = ModelArg
-    site: str = typer.Option("resid.mid", help="The site the SAE reads (a transcoder: the MLP output mlp.i it predicts).")
+    site: str = typer.Option("resid.mid", help="The site the SAE reads (a transcoder: the MLP output mlp.i it predicts); "
+                             "several (resid.1,resid.3 or resid.*) train one SAE each from one forward pass, in OUT/<site>/.")
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (actlab-sae.safetensors, train.json; rerun to resume).")
     expansion: int = typer.Option(8, help="Latents per input dimension.")
     k: int = typer.Option(32, help="Active latents per token (TopK / BatchTopK).")
@@ -66,7 +86,7 @@ class TrainOptions:
 @takes(TrainOptions)
 def sae_train(o: TrainOptions):
     """Train an SAE (or transcoder) on a site, streaming activations from the model or reading a store."""
-    from actlab.sae.pipeline import SAE_FILE, TrainPlan, train_on_model
+    from actlab.sae.pipeline import SAE_FILE, TrainPlan, train_on_model, train_several
 
     one_of(o.kind, ("topk", "batchtopk", "jumprelu"), "--kind")
     for value, option in ((o.expansion, "--expansion"), (o.k, "--k"), (o.batch_size, "--batch-size"),
@@ -81,20 +101,30 @@ def sae_train(o: TrainOptions):
         from actlab.store import Store
 
         store = Store(o.store)
-    result = train_on_model(m, TrainPlan(o.site, o.expansion, o.tokens, o.transcoder), o.out,
-                            texts=_texts(o.data), store=store, progress=True, kind=o.kind, k=o.k,
-                            batch_size=o.batch_size, lr=o.lr, seed=o.seed, skip=o.skip)
-    last = result.history[-1] if result.history else {}
-    console.print(f"[green]trained[/] {result.sae.n_latents} latents, {result.steps} steps "
-                  f"(resumed from {result.resumed_from}): fvu {last.get('fvu', float('nan')):.3f}, "
-                  f"L0 {last.get('l0', float('nan')):.1f} → {escape(str(o.out / SAE_FILE))}")
+    plan = TrainPlan(o.site, o.expansion, o.tokens, o.transcoder)
+    options = dict(kind=o.kind, k=o.k, batch_size=o.batch_size, lr=o.lr, seed=o.seed, skip=o.skip)
+    sites = m.resolve([o.site])
+    if len(sites) > 1:
+        if store is not None:
+            raise ActlabError("several sites train from one stream of the model: leave out --store, or give one site")
+        results = train_several(m, plan, o.out, texts=_texts(o.data), progress=True, **options)
+        outputs = {site: o.out / site / SAE_FILE for site in results}
+    else:
+        results = {sites[0]: train_on_model(m, plan, o.out, texts=_texts(o.data), store=store, progress=True,
+                                            **options)}
+        outputs = {sites[0]: o.out / SAE_FILE}
+    for site, result in results.items():
+        last = result.history[-1] if result.history else {}
+        console.print(f"[green]trained[/] {site}: {result.sae.n_latents} latents, {result.steps} steps "
+                      f"(resumed from {result.resumed_from}): fvu {last.get('fvu', float('nan')):.3f}, "
+                      f"L0 {last.get('l0', float('nan')):.1f} → {escape(str(outputs[site]))}")
 
 
 @sae_app.command("eval")
 @friendly
 def sae_eval(
     sae: Path = typer.Argument(..., help="An SAE: our .safetensors (or its folder), a SAELens or a sparsify folder."),
-    model: str = ModelArg,
+    model: Optional[str] = typer.Option(None, help="The model (default: the one the SAE's file records)."),
     site: Optional[str] = typer.Option(None, help="The site it reconstructs (default: the one its file records)."),
     data: Optional[Path] = typer.Option(None, help="Held-out text (default: the bundled eval split)."),
     max_tokens: int = typer.Option(50_000, help="Tokens to evaluate on."),
@@ -112,7 +142,8 @@ def sae_eval(
     where = site or info.get("site") or info.get("hook_name")
     if not where:
         raise ActlabError(f"{sae} does not say which site it reads: pass --site")
-    m = load_model(model, device, dtype)
+    m = load_model(_model_for(info, model, sae), device, dtype)
+    _check_for(info, m, sae)
     metrics = evaluate_on_model(m, loaded, where, texts=_texts(data), max_tokens=max_tokens, spliced=spliced,
                                 progress=True)
     table = Table(title=f"{escape(str(sae))} on {m.name} {where}")
@@ -135,7 +166,7 @@ def sae_eval(
 @friendly
 def sae_latents(
     sae: Path = typer.Argument(..., help="An SAE file or folder."),
-    model: str = ModelArg,
+    model: Optional[str] = typer.Option(None, help="The model (default: the one the SAE's file records)."),
     site: Optional[str] = typer.Option(None, help="The site it reads (default: from its file)."),
     latent: Optional[str] = typer.Option(None, help="Latents to show, comma separated (default: 8 across the firing rates)."),
     top: int = typer.Option(5, help="Contexts per latent."),
@@ -153,7 +184,8 @@ def sae_latents(
     if not where:
         raise ActlabError(f"{sae} does not say which site it reads: pass --site")
     chosen = [int(x) for x in latent.split(",")] if latent else None
-    m = load_model(model, device)
+    m = load_model(_model_for(info, model, sae), device)
+    _check_for(info, m, sae)
     texts = (_texts(data) or training_text("eval"))[:max_texts]
     found = latent_contexts(m, loaded, where, texts, latents=chosen, top=top)
     for index, entry in found["latents"].items():

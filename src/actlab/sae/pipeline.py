@@ -16,14 +16,14 @@ import torch
 
 from actlab.errors import ActlabError
 from actlab.files import write_json
-from actlab.sae.feed import ModelStream, store_feed
+from actlab.sae.feed import ModelStream, store_feed, train_many
 from actlab.sae.files import save_sae
 from actlab.sae.metrics import evaluate_sae
 from actlab.sae.model import SparseAutoencoder
 from actlab.sae.spliced import spliced_loss
 from actlab.sae.train import SAETrainConfig, SAETrainResult, train_sae
 
-__all__ = ["SAE_FILE", "TrainPlan", "evaluate_on_model", "train_on_model"]
+__all__ = ["SAE_FILE", "TrainPlan", "evaluate_on_model", "train_on_model", "train_several"]
 
 SAE_FILE = "actlab-sae.safetensors"
 
@@ -41,16 +41,55 @@ class TrainPlan:
     chunk_tokens: int = 1 << 17
 
 
-def _sites(model, plan: TrainPlan) -> tuple[str, str | None]:
-    site = model.resolve([plan.site])
-    if len(site) != 1:
-        raise ActlabError(f"an SAE reads one site; '{plan.site}' names {len(site)}: pick one, e.g. {site[0]}")
-    site = site[0]
+def _sites(model, plan: TrainPlan, site: str | None = None) -> tuple[str, str | None]:
+    """(the site read, the site predicted: None for an SAE) of one site of the plan."""
+    if site is None:
+        sites = model.resolve([plan.site])
+        if len(sites) != 1:
+            raise ActlabError(f"train_on_model trains one SAE; '{plan.site}' names {len(sites)} sites: pick one, "
+                              f"e.g. {sites[0]}, or use train_several")
+        site = sites[0]
     if plan.transcoder:
         if not site.startswith("mlp.") or site.startswith(("mlp.in.", "mlp.hidden.")):
             raise ActlabError(f"a transcoder predicts an MLP's output: give --site mlp.i, not '{site}'")
         return f"mlp.in.{site.split('.')[-1]}", site
     return site, None
+
+
+def _config(model, plan: TrainPlan, read: str, config: SAETrainConfig | None, overrides: dict) -> SAETrainConfig:
+    defaults = {"n_latents": plan.expansion * model.sites[read]}
+    return SAETrainConfig.with_overrides(config, {**defaults, **overrides} if config is None else overrides)
+
+
+def _write(out: Path, model, result: SAETrainResult, read: str, target: str | None, source: dict) -> None:
+    site = target or read
+    config = result.config.to_dict()
+    save_sae(out / SAE_FILE, result.sae, model=model.identity(), site=site, extra={"reads": read, "train": config})
+    write_json(out / "train.json", {"site": site, "reads": read, "config": config, "data": source,
+                                    "steps": result.steps, "seconds": result.seconds, "history": result.history})
+
+
+def train_several(model, plan: TrainPlan, out: str | Path, config: SAETrainConfig | None = None, *,
+                  texts: Sequence[str] | None = None, progress: bool = False,
+                  **overrides) -> dict[str, SAETrainResult]:
+    """One SAE per site ``plan.site`` names (``resid.*``, ``resid.1,resid.3``), all from one stream of the
+    model: each site's SAE goes to ``out/<site>/`` and equals the one ``train_on_model`` would train."""
+    from actlab.datasets import training_text
+
+    pairs = {site: _sites(model, plan, site) for site in model.resolve([plan.site])}
+    configs = {site: _config(model, plan, read, config, overrides) for site, (read, _) in pairs.items()}
+    first = next(iter(configs.values()))
+    read_sites = list(dict.fromkeys(s for pair in pairs.values() for s in pair if s is not None))
+    texts = training_text() if texts is None else list(texts)
+    stream = ModelStream(model, texts, read_sites, batch_size=first.batch_size,
+                         chunk_tokens=max(plan.chunk_tokens, first.batch_size), seed=first.seed)
+    steps = max(1, (plan.tokens or stream.batches_per_epoch * first.batch_size) // first.batch_size)
+    jobs = {site: (pair if pair[1] else pair[0], dataclasses.replace(configs[site], steps=steps))
+            for site, pair in pairs.items()}
+    results = train_many(stream, jobs, checkpoint_root=Path(out), progress=progress)
+    for site, result in results.items():
+        _write(Path(out) / site, model, result, *pairs[site], {"texts": len(stream.texts), "tokens": stream.tokens})
+    return results
 
 
 def train_on_model(model, plan: TrainPlan, out: str | Path, config: SAETrainConfig | None = None, *,
@@ -61,8 +100,7 @@ def train_on_model(model, plan: TrainPlan, out: str | Path, config: SAETrainConf
     bundled training text (``actlab.datasets.training_text()``)."""
     read, target = _sites(model, plan)
     width = model.sites[read]
-    defaults = {"n_latents": plan.expansion * width}
-    config = SAETrainConfig.with_overrides(config, {**defaults, **overrides} if config is None else overrides)
+    config = _config(model, plan, read, config, overrides)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if store is not None:
@@ -89,11 +127,7 @@ def train_on_model(model, plan: TrainPlan, out: str | Path, config: SAETrainConf
     config.validate()
     result = train_sae(feed, width, config, d_out=model.sites[target] if target else None,
                        checkpoint_dir=out, progress=progress)
-    site = target or read
-    save_sae(out / SAE_FILE, result.sae, model=model.identity(), site=site,
-             extra={"reads": read, "train": config.to_dict()})
-    write_json(out / "train.json", {"site": site, "reads": read, "config": config.to_dict(), "data": source,
-                                    "steps": result.steps, "seconds": result.seconds, "history": result.history})
+    _write(out, model, result, read, target, source)
     return result
 
 
