@@ -127,3 +127,13 @@ def test_sae_commands_on_the_demo_model(tmp_path):
     assert result.exit_code == 0 and "fires on" in result.output
     result = cli.invoke(app, ["sae", "train", "demo-llama", "--kind", "relu", "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--kind" in result.output
+
+
+@pytest.mark.parametrize("hook, site", [("blocks.2.hook_resid_post", "resid.2"), ("blocks.0.hook_resid_pre", "embed"),
+                                        ("blocks.3.hook_resid_pre", "resid.2"), ("blocks.1.hook_mlp_out", "mlp.1"),
+                                        ("blocks.1.ln2.hook_normalized", "mlp.in.1"), ("layers.4", "resid.4"),
+                                        ("model.layers.1.mlp", "mlp.1"), ("blocks.1.attn.hook_z", None), (None, None)])
+def test_other_libraries_hook_names_translate_to_sites(hook, site):
+    from actlab.sae.interop import site_from_hook
+
+    assert site_from_hook(hook) == site

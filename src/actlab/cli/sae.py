@@ -42,6 +42,37 @@ def _load(path: Path):
     return load_external(target)
 
 
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise ActlabError(f"{option} expects integers separated by commas, e.g. 3,17; not {text!r}")
+    return values
+
+
+def _site_for(info: dict, given: Optional[str], path: Path) -> str:
+    """--site, else the site our file records, else the other library's hook name translated to a site."""
+    from actlab.sae.interop import site_from_hook
+
+    where = given or info.get("site") or site_from_hook(info.get("hook_name"))
+    if not where:
+        hook = info.get("hook_name")
+        raise ActlabError(f"{path} does not say which site it reads" + (f" (its hook '{hook}' has no actlab name)"
+                          if hook else "") + ": pass --site, e.g. --site resid.2")
+    return where
+
+
+def _open(path: Path, model: Optional[str], site: Optional[str], device: str, dtype: str):
+    """The SAE, the site it reads, and the model (checked to be the one it was made for)."""
+    loaded, info = _load(path)
+    where = _site_for(info, site, path)
+    m = load_model(_model_for(info, model, path), device, dtype)
+    _check_for(info, m, path)
+    return loaded, where, m
+
+
 def _model_for(info: dict, given: Optional[str], path: Path) -> str:
     if given:
         return given
@@ -138,12 +169,7 @@ def sae_eval(
     from actlab.sae.pipeline import evaluate_on_model
 
     at_least(max_tokens, 2, "--max-tokens")
-    loaded, info = _load(sae)
-    where = site or info.get("site") or info.get("hook_name")
-    if not where:
-        raise ActlabError(f"{sae} does not say which site it reads: pass --site")
-    m = load_model(_model_for(info, model, sae), device, dtype)
-    _check_for(info, m, sae)
+    loaded, where, m = _open(sae, model, site, device, dtype)
     metrics = evaluate_on_model(m, loaded, where, texts=_texts(data), max_tokens=max_tokens, spliced=spliced,
                                 progress=True)
     table = Table(title=f"{escape(str(sae))} on {m.name} {where}")
@@ -179,13 +205,8 @@ def sae_latents(
     from actlab.sae.contexts import latent_contexts
 
     at_least(top, 1, "--top")
-    loaded, info = _load(sae)
-    where = site or info.get("site") or info.get("hook_name")
-    if not where:
-        raise ActlabError(f"{sae} does not say which site it reads: pass --site")
-    chosen = [int(x) for x in latent.split(",")] if latent else None
-    m = load_model(_model_for(info, model, sae), device)
-    _check_for(info, m, sae)
+    chosen = _ints(latent, "--latent") if latent else None
+    loaded, where, m = _open(sae, model, site, device, "float32")
     texts = (_texts(data) or training_text("eval"))[:max_texts]
     found = latent_contexts(m, loaded, where, texts, latents=chosen, top=top)
     for index, entry in found["latents"].items():
@@ -211,13 +232,8 @@ def sae_edit(
 
     one_of(mode, ("clamp", "add", "scale", "direction"), "--mode")
     loaded, info = _load(sae)
-    where = site or info.get("site") or info.get("hook_name")
-    if not where:
-        raise ActlabError(f"{sae} does not say which site it reads: pass --site")
-    try:
-        latents = [int(x) for x in latent.split(",") if x.strip()]
-    except ValueError:
-        raise ActlabError(f"--latent expects integers separated by commas, not {latent!r}") from None
+    where = _site_for(info, site, sae)
+    latents = _ints(latent, "--latent")
     m = load_model(model) if model else None
     if mode == "direction":
         if len(latents) != 1:

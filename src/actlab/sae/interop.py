@@ -320,6 +320,32 @@ def _run_model(folder: Path) -> str | None:
 
 
 # ====================================================================== any of them
+_HOOKS = [  # TransformerLens hook names (SAELens) and module paths (sparsify) -> actlab sites
+    (r"blocks\.(\d+)\.hook_resid_post", "resid.{0}"), (r"blocks\.(\d+)\.hook_mlp_out", "mlp.{0}"),
+    (r"blocks\.(\d+)\.hook_attn_out", "attn.{0}"), (r"blocks\.(\d+)\.ln2\.hook_normalized", "mlp.in.{0}"),
+    (r"blocks\.(\d+)\.mlp\.hook_(?:post|pre)", "mlp.hidden.{0}"),
+    (r"(?:model\.|gpt_neox\.|transformer\.)?(?:layers|h)\.(\d+)", "resid.{0}"),
+    (r"(?:model\.|gpt_neox\.|transformer\.)?(?:layers|h)\.(\d+)\.mlp", "mlp.{0}"),
+]
+
+
+def site_from_hook(hook: str | None) -> str | None:
+    """The actlab site of another library's hook name (``blocks.2.hook_resid_post`` -> ``resid.2``,
+    sparsify's ``layers.2`` -> ``resid.2``), or None when there is no sure translation. ``hook_resid_pre``
+    of block i is ``resid.{i-1}`` (``embed`` for block 0)."""
+    if not isinstance(hook, str):
+        return None
+    match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_pre", hook)
+    if match:
+        layer = int(match.group(1))
+        return "embed" if layer == 0 else f"resid.{layer - 1}"
+    for pattern, site in _HOOKS:
+        match = re.fullmatch(pattern, hook)
+        if match:
+            return site.format(match.group(1))
+    return None
+
+
 def _is_ours(path: Path) -> bool:
     """An actlab SAE file, whatever its name (sparsify's weights are also called sae.safetensors)."""
     try:
