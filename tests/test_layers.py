@@ -11,7 +11,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "actlab"
 VERBS = ("engine", "models", "store", "stats", "io", "analyses", "interventions", "transfer", "sae", "evals",
-         "report", "datasets")
+         "report", "datasets", "probes", "browse")
 MODELS_MAY_IMPORT = ("actlab.models", "actlab.engine", "actlab.errors", "actlab.files", "actlab.linalg")
 # attribute names that only make sense on HF modules (structure lookups), and must stay inside models/
 HF_INTERNALS = re.compile(r"\.(get_submodule|get_output_embeddings|get_input_embeddings|lm_head|ln_f|project_out|"

@@ -1,7 +1,8 @@
 """``actlab demo``: the guided tour on the bundled models (what ``make demo`` runs).
 
 profile both models → fit a genre steering vector in the donor → steered vs plain generations and
-a dose-response curve → paste the vector into the recipient → pasted vs direct vs plain → one
+a dose-response curve → paste the vector into the recipient → pasted vs direct vs plain → a feature
+browser for 32 neurons of the donor (``demo/browser/index.html``) → one
 HTML report (``demo/report.html``) that combines the profiles with the steering and transfer results.
 """
 
@@ -163,6 +164,20 @@ def _write(out: Path, donor, recipient, sections: list[Section], profiles: dict,
     return path
 
 
+BROWSE_UNITS = 32
+
+
+def _browser(model, out: Path, console: Console) -> Path:
+    """A small feature browser (docs/browse.md): the first neurons of one MLP layer over held-out text."""
+    from actlab.browse import build_browser
+    from actlab.datasets import training_text
+
+    index = build_browser(model, out / "browser", "mlp.hidden.1", f"0-{BROWSE_UNITS - 1}", docs=training_text("eval"),
+                          max_tokens=30_000, progress=True)
+    console.print(f"[green]feature browser:[/] {index.resolve()}  (open it, or `actlab serve {out / 'browser'}`)")
+    return index
+
+
 def run_tour(
     out_dir: str | Path = "demo",
     *,
@@ -181,16 +196,18 @@ def run_tour(
     start = time.perf_counter()
     say = log or (lambda text: console.rule(f"[bold cyan]{text}"))
 
-    say("1/5  load the bundled demo models")
+    say("1/6  load the bundled demo models")
     donor, recipient = actlab.load(donor_name), actlab.load(recipient_name)
     console.print(f"donor     {donor!r}\nrecipient {recipient!r}")
-    say("2/5  profile both models")
+    say("2/6  profile both models")
     profiles = _profiles((donor, recipient), out, quick, console)
     say(f"3/5  steer {donor.name} toward {GENRE}")
     steer = _steer(donor, quick, console)
     say(f"4/5  paste it into {recipient.name} (Command-V)")
     transfer = _paste(donor, recipient, out, quick, console)
-    say("5/5  write the report")
+    say(f"5/6  a feature browser for {BROWSE_UNITS} neurons of {donor.name}")
+    _browser(donor, out, console)
+    say("6/6  write the report")
     return _write(out, donor, recipient, [steer, transfer], profiles, start, console)
 
 

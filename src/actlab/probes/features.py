@@ -167,7 +167,10 @@ def from_store(store, model, data: LabelledSet, sites, *, pooling: str = "mean")
     if store.model and not same_model(store.model, model.identity()):
         raise ActlabError(f"the store {store.path} was recorded from {store.model.get('model_name')}, not "
                           f"{model.name}: record it again with this model")
-    sites = [s for s in model.resolve(sites)]
+    if store.positions != "all":
+        raise ActlabError(f"the store {store.path} holds positions={store.positions!r}; probes need every token: "
+                          "record it with positions='all'")
+    sites = list(model.resolve(sites))
     missing = [s for s in sites if s not in store.sites]
     if missing:
         raise ActlabError(f"the store {store.path} has no site {missing[0]} (it has {', '.join(store.sites)})")

@@ -71,7 +71,7 @@ def _standardise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _softmax_fit(z: torch.Tensor, y: torch.Tensor, n_classes: int, lam: float,
-                 start: tuple[torch.Tensor, torch.Tensor] | None = None, max_iter: int = 200):
+                 start: tuple[torch.Tensor, torch.Tensor] | None = None, max_iter: int = 100):
     """Minimise mean cross-entropy + λ/2 ‖W‖² over (W, b) by L-BFGS (strong Wolfe line search), float64."""
     w = torch.zeros(n_classes, z.shape[1], dtype=torch.float64) if start is None else start[0].clone()
     b = torch.zeros(n_classes, dtype=torch.float64) if start is None else start[1].clone()
@@ -107,27 +107,30 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: Sequence[str], *, x_
     xa, xt = pick(x), pick(x_tune)
     mean, scale = _standardise(xa)
     za, zt = (xa - mean) / scale, (xt - mean) / scale
-    losses, start = {}, None
+    losses, accs, start = {}, {}, None
     for lam in sorted(lambdas, reverse=True):  # strong to weak: each fit warm-starts the next
         start = _softmax_fit(za, y, len(classes), lam, start)
-        losses[lam] = _log_loss(zt @ start[0].T + start[1], y_tune)
+        logits = zt @ start[0].T + start[1]
+        losses[lam], accs[lam] = _log_loss(logits, y_tune), float((logits.argmax(1) == y_tune).double().mean())
     best = min(sorted(losses), key=lambda lam: (losses[lam], -lam))  # ties: the stronger penalty
     xall = torch.cat([xa, xt])
     mean, scale = _standardise(xall)
     w, b = _softmax_fit((xall - mean) / scale, torch.cat([y, y_tune]), len(classes), best)
     return LinearProbe(w, b, mean, scale, list(classes), method, width, units,
-                       {"lambda": best, "tune_log_loss": {str(k): v for k, v in sorted(losses.items())}})
+                       {"lambda": best, "tune_accuracy": accs[best],
+                        "tune_log_loss": {str(k): v for k, v in sorted(losses.items())}})
 
 
 def fit_massmean(x: torch.Tensor, y: torch.Tensor, classes: Sequence[str], *, x_tune: torch.Tensor,
                  y_tune: torch.Tensor) -> LinearProbe:
     """Class means, no fitted weights: ``logit_c = x·μ_c − ½‖μ_c‖²`` (nearest class mean), so for two classes
     the direction is ``μ₁ − μ₀`` and the threshold the midpoint. One temperature and the class biases are then
-    calibrated on the tuning rows (so probabilities and the majority class are sensible)."""
+    calibrated on the same training rows (C + 1 numbers: probabilities and class priors come out sensible),
+    so the tuning rows stay held out and give an honest tuning accuracy."""
     x, xt = x.double(), x_tune.double()
     mu = torch.stack([x[y == c].mean(0) if bool((y == c).any()) else x.mean(0) for c in range(len(classes))])
     raw = lambda t: t @ mu.T - 0.5 * (mu * mu).sum(1)  # noqa: E731
-    s = raw(xt)
+    s, y_cal = raw(x), y
     spread = float(s.std().clamp_min(1e-12))
     temp = torch.tensor([1.0 / spread], dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(len(classes), dtype=torch.float64, requires_grad=True)
@@ -135,7 +138,7 @@ def fit_massmean(x: torch.Tensor, y: torch.Tensor, classes: Sequence[str], *, x_
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(s * temp + bias, y_tune)
+        loss = torch.nn.functional.cross_entropy(s * temp + bias, y_cal)
         loss.backward()
         return loss
 
@@ -144,8 +147,10 @@ def fit_massmean(x: torch.Tensor, y: torch.Tensor, classes: Sequence[str], *, x_
     t = float(temp.detach().clamp_min(0.0))
     weight, b = mu * t, (-0.5 * (mu * mu).sum(1)) * t + bias.detach()
     ones = torch.ones(x.shape[1], dtype=torch.float64)
-    return LinearProbe(weight, b, torch.zeros_like(ones), ones, list(classes), "massmean", x.shape[1], None,
-                       {"temperature": t, "mean_difference_norm": float((mu[-1] - mu[0]).norm())})
+    probe = LinearProbe(weight, b, torch.zeros_like(ones), ones, list(classes), "massmean", x.shape[1], None,
+                        {"temperature": t, "mean_difference_norm": float((mu[-1] - mu[0]).norm())})
+    probe.info["tune_accuracy"] = float((probe.predict(xt) == y_tune).double().mean())
+    return probe
 
 
 def unit_scores(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> torch.Tensor:
