@@ -292,3 +292,19 @@ def test_cli_probe_writes_probes_table_and_report(tmp_path):
     assert "Probes by site" in html and html.count("<img") >= 1
     bad = CliRunner().invoke(app, ["probe", "demo-llama", "--task", "nope", "-o", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "unknown probe task" in bad.output
+
+
+def test_probe_rows_from_sae_latents(llama):
+    """An attached SAE's latents are a site like any other: the probe rows at `sae.resid.1` are the SAE's
+    encoding of the rows at `resid.1`, token by token."""
+    from actlab.sae import SparseAutoencoder, attach
+
+    texts = [f"alpha beta {i} gamma" for i in range(6)] + [f"delta {i} epsilon zeta" for i in range(6)]
+    data = LabelledSet("toy", "sequence", texts, labels=["a"] * 6 + ["d"] * 6)
+    sae = SparseAutoencoder(llama.d_model, 48, "relu", seed=2).eval()
+    plain = llama.collect(texts, "resid.1", positions="all")
+    with attach(llama, sae, "resid.1"):
+        rows = from_model(llama, data, ["sae.resid.1"], pooling="mean")
+    z = sae.encode(plain.acts["resid.1"].float())
+    expected = torch.stack([z[plain.doc_ids == i].mean(0) for i in range(len(texts))])
+    assert torch.allclose(rows.x["sae.resid.1"].float(), expected, atol=1e-5)
