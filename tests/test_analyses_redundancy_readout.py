@@ -4,6 +4,7 @@ import copy
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,6 +96,19 @@ def test_redundancy_drop_experiment_and_report_members():
     with model.edit(drop_attention(most2["layers"])):
         assert most2["perplexity"] == pytest.approx(math.exp(log_perplexity(model, data.eval_texts)), rel=1e-6)
     assert result.base_perplexity == pytest.approx(math.exp(log_perplexity(model, data.eval_texts)), rel=1e-6)
+    # the random baseline: distinct draws (every subset when there are few), each reproducible, and their mean
+    n = model.n_layers
+    for k in (1, 2):
+        rand = result.drop(k, "random")
+        subsets = [tuple(r["layers"]) for r in rand["draws"]]
+        assert len(set(subsets)) == len(subsets) == min(5, math.comb(n, k)) and all(len(s) == k for s in subsets)
+        values = [r["perplexity"] for r in rand["draws"]]
+        assert rand["perplexity"] == pytest.approx(np.mean(values)) and rand["perplexity_std"] == pytest.approx(np.std(values))
+        with model.edit(drop_attention(rand["draws"][0]["layers"])):
+            assert values[0] == pytest.approx(math.exp(log_perplexity(model, data.eval_texts)), rel=1e-6)
+        most = result.drop(k, "most")["perplexity"]
+        assert ("lower than all" in rand["most_vs_random"]) == (most < min(values))
+        assert ("not lower" in rand["most_vs_random"]) == (most >= np.mean(values))
     assert not model.hooks.active
     payload = json.loads(json.dumps(result.to_dict()))
     assert len(payload["drops"]) == 6 and payload["structure"] == "sequential"

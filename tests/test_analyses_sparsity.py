@@ -13,6 +13,7 @@ import torch
 import actlab
 from actlab.analyses.base import ProfileData, Skipped, collect_profile_data
 from actlab.analyses.ppl_sparsity import PplSparsityResult, ThresholdEdit, layer_thresholds, ppl_sparsity
+from actlab.sparse.cett import ContributionThreshold, output_norms
 from actlab.analyses.dead import DeadNeuronResult, dead_neurons
 from actlab.analyses.sparsity import SparsityResult, activation_sparsity, keep_ks, topk_keep_rate
 from actlab.engine.batch import TokenBatch
@@ -183,7 +184,7 @@ def synthetic_data(n=400, width=16, seed=0) -> ProfileData:
     return ProfileData(stats=stats, samples=samples, n_tokens=n)
 
 
-def test_ppl_sparsity_bisection_on_synthetic_perplexity():
+def test_ppl_sparsity_quantile_rule_bisection_on_synthetic_perplexity():
     data = synthetic_data()
     calls = []
 
@@ -191,8 +192,8 @@ def test_ppl_sparsity_bisection_on_synthetic_perplexity():
         calls.append((level, thresholds))
         return 10.0 * (1 + 4 * max(0.0, level - 0.3) ** 2)
 
-    res = ppl_sparsity(None, data, ps=(1, 5), steps=8, evaluate=evaluate)
-    assert isinstance(res, PplSparsityResult)
+    res = ppl_sparsity(None, data, ps=(1, 5), steps=8, evaluate=evaluate, rule="quantile")
+    assert isinstance(res, PplSparsityResult) and res.rule == "quantile" and "uniform-quantile" in res.headline()
     assert res.base_ppl == 10.0
     assert calls[0] == (0.0, {})
     for r in res.levels:
@@ -213,7 +214,7 @@ def test_ppl_sparsity_bisection_on_synthetic_perplexity():
 
 
 def test_ppl_sparsity_whole_range_feasible():
-    res = ppl_sparsity(None, synthetic_data(), ps=(1,), evaluate=lambda level, th: 5.0)
+    res = ppl_sparsity(None, synthetic_data(), ps=(1,), evaluate=lambda level, th: 5.0, rule="quantile")
     r = res.levels[0]
     assert r["level"] == 1.0 and r["next_level"] is None and r["sparsity"] == 1.0
     assert layer_thresholds({"a": np.array([0.0, 1.0, 2.0, 3.0])}, 0.5) == {"a": 2.0}
@@ -233,21 +234,28 @@ def test_threshold_edit_zeroes_small_entries_only():
     assert edit.n_total == y.numel()
 
 
-def test_ppl_sparsity_real_perplexity_on_tiny_gpt2():
+@pytest.mark.parametrize("rule", ["cett", "quantile"])
+def test_ppl_sparsity_real_perplexity_on_tiny_gpt2(rule):
     model = load_tiny("gpt2")
     data = profile(model)
-    res = ppl_sparsity(model, data, ps=(1,), steps=4)
-    assert isinstance(res, PplSparsityResult)
+    res = ppl_sparsity(model, data, ps=(1,), steps=4, rule=rule)
+    assert isinstance(res, PplSparsityResult) and res.rule == rule and res.config["rule"] == rule
     r = res.levels[0]
     base = actlab.evals.perplexity(model, data.eval_texts)
     assert res.base_ppl == pytest.approx(base, rel=1e-6)
     # re-applying the reported thresholds reproduces the reported perplexity and sparsity
-    edits = [ThresholdEdit(s, t if t is not None else math.inf) for s, t in zip(res.sites, r["thresholds"])]
+    thresholds = [t if t is not None else math.inf for t in r["thresholds"]]
+    if rule == "cett":  # thresholds on |a_j| * ||w_out,j||, the column norms of the down projection
+        edits = [ContributionThreshold(s, t, output_norms(model.anatomy.mlp_parts(i).down).float())
+                 for i, (s, t) in enumerate(zip(res.sites, thresholds))]
+    else:
+        edits = [ThresholdEdit(s, t) for s, t in zip(res.sites, thresholds)]
     with model.edit(*edits):
         again = actlab.evals.perplexity(model, data.eval_texts)
     assert again == pytest.approx(r["ppl"], rel=1e-6)
     assert r["rise_pct"] <= 1.0
     assert np.mean([e.measured_sparsity for e in edits]) == pytest.approx(r["sparsity"])
+    assert r["activation_ratio_per_layer"] == pytest.approx([1 - e.measured_sparsity for e in edits])
     assert min(r["sparsity_per_layer"][i] - res.natural_zero_frac[i] for i in range(3)) >= -0.1
     # unedited sparsity is measured on the eval texts: compare with a direct capture
     ref = captured(model, docs=data.eval_texts)

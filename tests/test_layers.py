@@ -11,7 +11,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "actlab"
 VERBS = ("engine", "models", "store", "stats", "io", "analyses", "interventions", "transfer", "sae", "evals",
-         "report", "datasets", "probes", "browse")
+         "report", "datasets", "probes", "browse", "sparse")
 MODELS_MAY_IMPORT = ("actlab.models", "actlab.engine", "actlab.errors", "actlab.files", "actlab.linalg")
 # attribute names that only make sense on HF modules (structure lookups), and must stay inside models/
 HF_INTERNALS = re.compile(r"\.(get_submodule|get_output_embeddings|get_input_embeddings|lm_head|ln_f|project_out|"
@@ -79,3 +79,8 @@ def test_files_and_functions_stay_small():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
                 too_long.append(f"{rel}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
     assert not too_long
+
+
+def test_cett_imports_only_errors():
+    """actlab.sparse.cett (the CETT calibration) is for inference code too: it imports nothing but errors."""
+    assert _imports(SRC / "sparse" / "cett.py") <= {"actlab.errors"}

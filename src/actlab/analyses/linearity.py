@@ -90,8 +90,10 @@ class LinearityResult:
         return self.replaced_loss[layer] - self.base_loss
 
     def headline(self) -> str:
-        text = f"most linear block {self.most_linear}: {self.score[self.most_linear]:.3f}"
-        text += f" (least: block {self.least_linear}, {self.score[self.least_linear]:.3f})"
+        m, l = self.most_linear, self.least_linear
+        text = f"held-out affine R²: most linear block {m}: {self.score[m]:.3f}"
+        text += f" (least: block {l}, {self.score[l]:.3f}; paper's in-sample score {self.score_in_sample[m]:.3f} / "
+        text += f"{self.score_in_sample[l]:.3f})"
         d_most, d_least = self.delta(self.most_linear), self.delta(self.least_linear)
         if d_most is not None and d_least is not None:
             text += f"; replaced by its linear fit: Δloss {d_most:+.3f} vs {d_least:+.3f} nats"

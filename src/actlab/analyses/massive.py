@@ -8,12 +8,15 @@ not. ``massive_activations`` measures all three properties:
 
 * per layer: the largest ``|x|`` of ``resid.{i}`` over the profiled corpus (stats top-k), its
   channel, position and token, and its ratio to the layer's median ``|x|`` (median over every
-  entry of the reservoir sample); an entry is *massive* when that ratio exceeds ``threshold``
-  (100 by default); the top-1 ratio is reported whether or not it passes;
+  entry of the reservoir sample), reported whether or not it is massive;
+* which entries are *massive*, by a ``MassiveCriterion`` (``massive_criterion.py``): by default the
+  paper's, ``|x| > 100`` and ``> 1000x`` the median ``|x|`` of the same sequence, checked on the
+  prompts (whole sequences); ``MassiveCriterion.corpus_ratio(100)`` is the looser ratio to the
+  corpus median, checked on the corpus statistics;
 * input invariance over ``prompts``: for each prompt and layer the (position, channel) of the
   largest ``|x|``; how often the channel is the most common one, and where the positions lie;
 * ablation (decoders only): at the layer where each massive channel first appears, set its
-  massive entries (those with ``|x| > threshold * median``) to 0, or to their mean value, and
+  massive entries (by the same criterion) to 0, or to their mean value, and
   measure the perplexity change on ``ablation_texts``.
 """
 
@@ -30,17 +33,21 @@ import torch
 from actlab.analyses.base import (
     ProfileData, Skipped, decode_token, layer_index, perplexity, reservoir_acts, site_stats, sites_of_kind,
 )
+from actlab.analyses.massive_criterion import MassiveCriterion, massive_mask, sequence_median
 from actlab.analyses.massive_result import MassiveResult
 from actlab.engine.edits import SetChannels
 from actlab.engine.hooks import ForwardState
+from actlab.errors import ActlabError
 
-__all__ = ["MassiveResult", "MassiveSet", "massive_activations"]  # MassiveResult lives in massive_result
+__all__ = ["MassiveCriterion", "MassiveResult", "MassiveSet", "massive_activations"]  # MassiveResult lives in massive_result
 
 
 @dataclass
 class MassiveSet:
     """At ``site``, set each channel in ``channels`` to its value in ``values`` on the tokens where
-    that channel's ``|x|`` exceeds ``cutoff`` (the massive entries), leaving every other entry alone.
+    that channel's ``|x|`` exceeds ``cutoff`` and, when ``ratio > 0``, also ``ratio`` times the median
+    ``|x|`` of the same sequence (every real token and channel of that row: the paper's criterion),
+    leaving every other entry alone.
 
     A ``SetChannels`` edit restricted, entry by entry, to the massive positions. ``n_set`` counts
     the entries changed (over all forward passes).
@@ -50,6 +57,7 @@ class MassiveSet:
     channels: list[int]
     values: list[float]
     cutoff: float
+    ratio: float = 0.0
     n_set: int = field(default=0, repr=False)
 
     def __call__(self, h: torch.Tensor, state: ForwardState) -> torch.Tensor:
@@ -57,8 +65,14 @@ class MassiveSet:
         hit = h[..., channels].abs() > self.cutoff
         if not bool(hit.any()):
             return h
+        rows = h if h.ndim == 3 else h.unsqueeze(0)
+        real = torch.ones(rows.shape[:2], dtype=torch.bool, device=h.device)
         if h.ndim == 3 and state.batch_size == h.shape[0] and state.length == h.shape[1]:
-            hit = hit & state.token_mask().to(h.device).unsqueeze(-1)
+            real = state.token_mask().to(h.device)
+            hit = hit & real.unsqueeze(-1)
+        if self.ratio > 0:  # the bound relative to each sequence's own median |x|
+            med = torch.tensor([sequence_median(r[m]) for r, m in zip(rows, real)], dtype=h.dtype, device=h.device)
+            hit = hit & (h[..., channels].abs() > self.ratio * (med.view(-1, 1, 1) if h.ndim == 3 else med))
         set_all = SetChannels(self.site, channels, torch.as_tensor(self.values, dtype=torch.float32))(h, state)
         where = torch.zeros_like(h, dtype=torch.bool)
         where[..., channels] = hit
@@ -129,20 +143,58 @@ def _layer_tops(data: ProfileData, sites: list[str], tokenizer, top_n: int) -> d
 
 
 def _massive_channels(data: ProfileData, sites: list[str], layers: list[int], medians: list[float],
-                      threshold: float) -> tuple[dict[int, list[dict[str, Any]]], dict[int, int]]:
-    """Channels whose corpus max |x| (stats absmax) exceeds ``threshold`` x the layer median, and the first
-    layer where each is massive."""
+                      criterion: MassiveCriterion) -> tuple[dict[int, list[dict[str, Any]]], dict[int, int]]:
+    """Corpus rule: channels whose corpus max |x| (stats absmax) is above ``min_abs`` and ``min_ratio`` x the
+    layer's corpus median, and the first layer where each is massive."""
     massive: dict[int, list[dict[str, Any]]] = {}
     first: dict[int, int] = {}
     for layer, site, med in zip(layers, sites, medians):
         absmax = _channel_absmax(data, site)
         ratio = absmax / med if med > 0 else np.full_like(absmax, math.inf)
-        hot = [int(c) for c in np.argsort(-ratio, kind="stable") if ratio[c] > threshold]
+        hot = [int(c) for c in np.argsort(-ratio, kind="stable") if absmax[c] > criterion.cutoff(med)]
         if hot:
-            massive[layer] = [{"channel": c, "absmax": float(absmax[c]), "ratio": float(ratio[c])} for c in hot]
+            massive[layer] = [{"channel": c, "absmax": float(absmax[c]), "ratio": float(ratio[c]),
+                               "median": "corpus"} for c in hot]
             for c in hot:
                 first.setdefault(c, layer)
     return massive, first
+
+
+def _sequence_channels(captured: list[dict[str, torch.Tensor]], sites: list[str], layers: list[int],
+                       criterion: MassiveCriterion):
+    """Sequence rule, over the prompts: per layer the massive channels (largest |x| and ratio to its own
+    sequence's median), the first layer of each channel, how many entries pass each bound, and the entry
+    with the largest ratio to its sequence median (massive or not)."""
+    massive: dict[int, list[dict[str, Any]]] = {}
+    first: dict[int, int] = {}
+    bounds, seq_top = [], []
+    for layer, site in zip(layers, sites):
+        hot: dict[int, dict[str, Any]] = {}
+        counts = {"n_entries": 0, "n_over_abs": 0, "n_over_ratio": 0, "n_massive": 0}
+        best: dict[str, Any] = {}
+        for p, acts in enumerate(captured):
+            x = acts[site]
+            mask, over_abs, over_ratio, med = massive_mask(x, criterion)
+            counts["n_entries"] += x.numel()
+            for key, m in (("n_over_abs", over_abs), ("n_over_ratio", over_ratio), ("n_massive", mask)):
+                counts[key] += int(m.sum())
+            pos, ch = divmod(int(x.abs().argmax()), x.shape[1])
+            r = float(x[pos, ch].abs()) / med if med > 0 else math.inf
+            if not best or r > best["ratio"]:
+                best = {"ratio": r, "value": float(x[pos, ch]), "channel": ch, "position": pos, "prompt": p,
+                        "sequence_median": med}
+            for t, c in mask.nonzero().tolist():
+                v, rc = float(x[t, c]), float(x[t, c].abs()) / med if med > 0 else math.inf
+                if c not in hot or abs(v) > hot[c]["absmax"]:
+                    hot[c] = {"channel": c, "absmax": abs(v), "ratio": rc, "median": "sequence", "prompt": p,
+                              "position": t}
+        if hot:
+            massive[layer] = sorted(hot.values(), key=lambda e: -e["ratio"])
+            for c in hot:
+                first.setdefault(c, layer)
+        bounds.append(counts)
+        seq_top.append(best)
+    return massive, first, bounds, seq_top
 
 
 def _invariance(captured: list[dict[str, torch.Tensor]], prompt_ids: list[list[int]], site: str, median: float,
@@ -175,17 +227,23 @@ def massive_activations(
     prompts: Sequence[str] | None = None,
     ablation_texts: Sequence[str] | None = None,
     *,
-    threshold: float = 100.0,
+    criterion: MassiveCriterion | None = None,
+    threshold: float | None = None,
     top_n: int = 5,
     max_prompts: int = 32,
     batch_size: int = 8,
 ) -> MassiveResult | Skipped:
     """Massive activations of ``resid.*``: where, how large, how input-invariant, how essential.
 
-    ``prompts`` (default: ``data.eval_texts``) feed the invariance check; ``ablation_texts``
-    (default: ``data.eval_texts``) the perplexity ablation, which runs on models with an LM head
-    only. ``threshold`` is the ratio to the layer median above which an entry is massive.
+    ``prompts`` (default: ``data.eval_texts``) feed the invariance check and, with the paper's
+    per-sequence criterion (the default ``MassiveCriterion.paper()``), the detection itself;
+    ``ablation_texts`` (default: ``data.eval_texts``) the perplexity ablation, which runs on models
+    with an LM head only. ``threshold=r`` is short for ``criterion=MassiveCriterion.corpus_ratio(r)``.
     """
+    if criterion is None:
+        criterion = MassiveCriterion.corpus_ratio(threshold) if threshold is not None else MassiveCriterion.paper()
+    elif threshold is not None:
+        raise ActlabError("pass criterion= or threshold= (short for MassiveCriterion.corpus_ratio(threshold)), not both")
     sites = [s for s in sites_of_kind(data, model, "resid") if reservoir_acts(data, s) is not None]
     if not sites:
         return Skipped("massive", MassiveResult.title, reason="the profile reservoir holds no resid sites",
@@ -193,7 +251,6 @@ def massive_activations(
     tokenizer = getattr(model, "tokenizer", None)
     tops = _layer_tops(data, sites, tokenizer, top_n)
     layers, medians = tops["layers"], tops["medians"]
-    massive_channels, first = _massive_channels(data, sites, layers, medians, threshold)
     prompt_list = [p for p in (prompts if prompts is not None else data.eval_texts) if p][:max_prompts]
     if model is None:
         prompt_list = []  # a profile without its model: no prompts can be run
@@ -202,34 +259,45 @@ def massive_activations(
     if prompt_list:
         captured, prompt_ids = _capture_prompts(model, sites, prompt_list, batch_size)
         invariance = [_invariance(captured, prompt_ids, site, medians[j], tokenizer) for j, site in enumerate(sites)]
+    bounds: list[dict[str, Any]] = [{} for _ in sites]
+    seq_top: list[dict[str, Any]] = [{} for _ in sites]
+    if criterion.median == "corpus":
+        massive_channels, first = _massive_channels(data, sites, layers, medians, criterion)
+    else:
+        massive_channels, first, bounds, seq_top = _sequence_channels(captured, sites, layers, criterion)
     ablation: dict[str, Any] = {"ran": False}
     texts = [t for t in (ablation_texts if ablation_texts is not None else data.eval_texts) if t]
-    if not first:
-        ablation["note"] = f"no activation above {threshold:g}x the layer median: nothing to ablate"
+    if criterion.median == "sequence" and not captured:
+        ablation["note"] = "no prompts were run: the per-sequence criterion needs whole sequences (pass prompts)"
+    elif not first:
+        ablation["note"] = f"no massive activation ({criterion.describe()}): nothing to ablate"
     elif not getattr(model, "has_lm_head", False):
         ablation["note"] = "skipped: needs perplexity, and this model has no LM head (encoder)"
     elif not texts:
         ablation["note"] = "skipped: no ablation texts (pass ablation_texts or profile with eval_texts)"
     else:
-        ablation = _ablate(model, data, sites, layers, medians, first, captured, threshold, texts, batch_size)
+        ablation = _ablate(model, data, sites, layers, medians, first, captured, criterion, texts, batch_size)
     return MassiveResult(
-        threshold=float(threshold), layers=layers, sites=sites, median_abs=medians, top=tops["tops"],
-        top1_ratio=tops["ratio1"], massive_layers=[l for l, r in zip(layers, tops["ratio1"]) if r > threshold],
-        massive_channels=massive_channels, first_appearance=first, invariance=invariance,
-        n_prompts=len(prompt_list), ablation=ablation, source=tops["source"],
+        threshold=float(criterion.min_ratio), layers=layers, sites=sites, median_abs=medians, top=tops["tops"],
+        top1_ratio=tops["ratio1"], massive_layers=sorted(massive_channels), massive_channels=massive_channels,
+        first_appearance=first, invariance=invariance, n_prompts=len(prompt_list), ablation=ablation,
+        source=tops["source"], criterion=criterion.to_dict(), rule=criterion.name, rule_text=criterion.describe(),
+        bounds=bounds, sequence_top=seq_top,
     )
 
 
 def _mean_value(data: ProfileData, captured: list[dict[str, torch.Tensor]], site: str, channel: int,
-                cutoff: float) -> tuple[float, int, str]:
+                criterion: MassiveCriterion, median: float) -> tuple[float, int, str]:
     """The mean of a channel's massive entries (over the prompts, else the corpus top entries, else the channel
     mean over all tokens), how many entries it averages and where they came from."""
-    cols = [acts[site][:, channel] for acts in captured]
-    vals = [float(v) for col in cols for v in col[col.abs() > cutoff].tolist()]
+    vals = []
+    for acts in captured:
+        mask = massive_mask(acts[site], criterion, median)[0][:, channel]
+        vals += acts[site][:, channel][mask].tolist()
     how = "prompts"
-    if not vals:  # fall back to the corpus top entries of that channel
+    if not vals and criterion.median == "corpus":  # fall back to the corpus top entries of that channel
         vals = [float(e["value"]) for e in _top_entries(data, site, 10**9)[0]
-                if e["channel"] == channel and abs(e["value"]) > cutoff]
+                if e["channel"] == channel and abs(e["value"]) > criterion.cutoff(median)]
         how = "corpus top entries"
     if vals:
         return float(np.mean(vals)), len(vals), how
@@ -238,7 +306,7 @@ def _mean_value(data: ProfileData, captured: list[dict[str, torch.Tensor]], site
     return m, 0, "channel mean over all tokens"
 
 
-def _ablate(model, data, sites, layers, medians, first, captured, threshold, texts, batch_size) -> dict:
+def _ablate(model, data, sites, layers, medians, first, captured, criterion, texts, batch_size) -> dict:
     """Perplexity with the massive entries zeroed / set to their mean, at each channel's first layer."""
     groups: dict[int, list[int]] = {}
     for c, layer in sorted(first.items()):
@@ -247,15 +315,18 @@ def _ablate(model, data, sites, layers, medians, first, captured, threshold, tex
     zero_edits, mean_edits = [], []
     for layer, chans in sorted(groups.items()):
         j = layers.index(layer)
-        site, cutoff = sites[j], threshold * medians[j]
+        site = sites[j]
+        per_seq = criterion.median == "sequence"
+        cutoff = criterion.min_abs if per_seq else criterion.cutoff(medians[j])
+        ratio = criterion.min_ratio if per_seq else 0.0
         means = []
         for c in chans:
-            m, n, how = _mean_value(data, captured, site, c, cutoff)
+            m, n, how = _mean_value(data, captured, site, c, criterion, medians[j])
             means.append(m)
             entries.append({"layer": layer, "channel": c, "mean_value": m, "n_mean_tokens": n,
-                            "mean_from": how, "cutoff": cutoff})
-        zero_edits.append(MassiveSet(site, list(chans), [0.0] * len(chans), cutoff))
-        mean_edits.append(MassiveSet(site, list(chans), means, cutoff))
+                            "mean_from": how, "cutoff": cutoff, "sequence_ratio": ratio})
+        zero_edits.append(MassiveSet(site, list(chans), [0.0] * len(chans), cutoff, ratio))
+        mean_edits.append(MassiveSet(site, list(chans), means, cutoff, ratio))
     base = perplexity(model, texts, batch_size=batch_size)
     with model.edit(*zero_edits):
         zero = perplexity(model, texts, batch_size=batch_size)

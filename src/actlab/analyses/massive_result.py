@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,13 +32,20 @@ class MassiveResult:
     n_prompts: int
     ablation: dict[str, Any]
     source: str = "stats"
+    criterion: dict[str, Any] = field(default_factory=dict)  # MassiveCriterion.to_dict()
+    rule: str = "paper"  # "paper", "corpus ratio" or "custom"
+    rule_text: str = ""  # the criterion in words
+    bounds: list[dict[str, Any]] = field(default_factory=list)  # per layer (sequence rule): entries passing each bound
+    sequence_top: list[dict[str, Any]] = field(default_factory=list)  # per layer: largest ratio to a sequence median
     key: str = "massive"
     title: str = "Massive activations"
     explanation: str = (
         "A few entries of the residual stream can be hundreds or thousands of times larger than the "
         "typical one. For every layer we show the largest |activation| of the residual stream over "
         "the profiled text, where it occurs (channel, position, token), and its ratio to the layer's "
-        "median |activation|; ratios above the threshold (100x) are flagged as massive. 'Massive "
+        "median |activation|. By default an entry is flagged as massive by the paper's criterion: its magnitude "
+        "is above 100 and about 1000x the median magnitude of the same sequence at that layer (both bounds are "
+        "configurable; a looser ratio to the corpus-wide median is an option). 'Massive "
         "Activations in Large Language Models' (Sun et al., 2024) found such values in almost every "
         "LLM: they appear suddenly in an early layer, stay nearly constant through the middle layers, "
         "live in the same few channels for every input, mostly at the first token or at delimiters, "
@@ -51,21 +58,31 @@ class MassiveResult:
     def headline(self) -> str:
         if not self.layers:
             return "n/a"
+        rule = f"{self.rule} rule: {self.rule_text}" if self.rule_text else self.rule
+        if self.massive_layers:
+            layer, e = max(((l, e) for l in self.massive_layers for e in self.massive_channels[l]),
+                           key=lambda le: le[1]["ratio"])
+            where = f"layer {layer}, ch {e['channel']}" + (f", pos {e['position']}" if "position" in e else "")
+            return f"massive ({rule}): |x|={e['absmax']:.4g} = {e['ratio']:.0f}x {e['median']} median ({where})"
+        seq = [t for t in self.sequence_top if t]
+        if seq and self.criterion.get("median") == "sequence":
+            i = max(range(len(self.sequence_top)), key=lambda j: self.sequence_top[j].get("ratio", -1))
+            t = self.sequence_top[i]
+            return (f"none ({rule}); max {t['ratio']:.1f}x its sequence median, |x|={abs(t['value']):.3g} "
+                    f"(layer {self.layers[i]}, ch {t['channel']}, pos {t['position']})")
         i = int(np.nanargmax(self.top1_ratio))
         t = self.top[i][0] if self.top[i] else {}
-        where = f"layer {self.layers[i]}, ch {t.get('channel')}, pos {t.get('position')}"
-        if self.massive_layers:
-            return f"massive: |x|={abs(t.get('value', math.nan)):.4g} = {self.top1_ratio[i]:.0f}x median ({where})"
-        return f"none > {self.threshold:g}x median (max {self.top1_ratio[i]:.1f}x, {where})"
+        return (f"none ({rule}); max {self.top1_ratio[i]:.1f}x the corpus median, |x|={abs(t.get('value', math.nan)):.3g} "
+                f"(layer {self.layers[i]}, ch {t.get('channel')}, pos {t.get('position')})")
 
     def to_dict(self) -> dict[str, Any]:
-        return to_jsonable(pick(self, "threshold", "source", "layers", "sites", "median_abs", "top", "top1_ratio",
+        return to_jsonable(pick(self, "rule", "rule_text", "criterion", "bounds", "sequence_top", "threshold", "source", "layers", "sites", "median_abs", "top", "top1_ratio",
                                 "massive_layers", "massive_channels", "first_appearance", "invariance", "n_prompts",
                                 "ablation"))
 
     def table(self):
-        cols = ["layer", "top |x|", "median |x|", "ratio", "channel", "position", "token", "massive channels",
-                "same argmax channel over prompts %"]
+        cols = ["layer", "top |x|", "median |x|", "ratio", "channel", "position", "token", "max ratio to sequence median",
+                "entries > abs / > ratio bound / both", "massive channels", "same argmax channel over prompts %"]
         rows = []
         for i, layer in enumerate(self.layers):
             t = self.top[i][0] if self.top[i] else {}
@@ -73,6 +90,8 @@ class MassiveResult:
             rows.append([
                 layer, _round(abs(t.get("value", math.nan))), _round(self.median_abs[i]), _round(self.top1_ratio[i]),
                 t.get("channel"), t.get("position"), t.get("token", ""),
+                _round(self.sequence_top[i]["ratio"]) if i < len(self.sequence_top) and self.sequence_top[i] else None,
+                _bounds_text(self.bounds[i] if i < len(self.bounds) else {}),
                 _channels_text(self.massive_channels.get(layer, [])),
                 round(100 * inv["modal_channel_frac"], 1) if inv else None,
             ])
@@ -92,7 +111,7 @@ class MassiveResult:
         ax.set_xlabel("layer")
         integer_xaxis(ax)
         ax.set_ylabel("|activation| of the residual stream")
-        ax.set_title(f"Largest residual activations (massive: > {self.threshold:g}x median)")
+        ax.set_title(f"Largest residual activations (massive: {self.rule_text or self.threshold})", fontsize=9)
         ax.legend(fontsize="small")
         return fig
 
@@ -130,6 +149,10 @@ class MassiveResult:
         ax.set_ylabel("perplexity")
         ax.set_title("Ablating the massive activations")
         return fig
+
+
+def _bounds_text(b: dict[str, Any]) -> str:
+    return f"{b['n_over_abs']} / {b['n_over_ratio']} / {b['n_massive']}" if b else ""
 
 
 def _channels_text(entries: list[dict[str, Any]], limit: int = 5) -> str:

@@ -6,7 +6,7 @@ sub-layer barely changes the hidden state = redundant) and shows that many atten
 of trained LLMs can be dropped with little loss. Here the similarity is averaged over the profile
 reservoir's tokens, and the k most redundant attention sub-layers are dropped (their output set
 to zero, so the residual connection passes the input through) and the perplexity compared with
-dropping k random and the k least redundant ones.
+dropping k random ones (the mean and spread over several distinct draws) and the k least redundant ones.
 
 Definitions of a sub-layer's input X and output Y, from the reservoir sites:
 
@@ -25,7 +25,9 @@ Which definition applies, and the post-LN block's LayerNorm, are the model anato
 
 from __future__ import annotations
 
+import itertools
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -33,6 +35,7 @@ import torch
 
 from actlab.analyses.base import ProfileData, block_input_site, log_perplexity, pick, require_sites
 from actlab.analyses.figures import new_axes
+from actlab.engine.config import positive_int
 from actlab.errors import ActlabError
 from actlab.report.serialize import to_jsonable
 
@@ -72,7 +75,7 @@ class RedundancyResult:
     structure: str  # 'sequential', 'parallel' or 'post-ln'
     ranking: list[int]  # attention sub-layers, most redundant first
     base_perplexity: float | None = None
-    drops: list[dict] = field(default_factory=list)  # {k, strategy, layers, perplexity}
+    drops: list[dict] = field(default_factory=list)  # {k, strategy, layers, perplexity}; random: + spread, draws
     note: str = ""
 
     def drop(self, k: int, strategy: str) -> dict | None:
@@ -90,13 +93,14 @@ class RedundancyResult:
             most, rand = self.drop(k, "most"), self.drop(k, "random")
             text += f"; drop {k}: ppl {self.base_perplexity:.2f} → {most['perplexity']:.2f}"
             if rand is not None:
-                text += f" (random {k}: {rand['perplexity']:.2f})"
+                text += (f" (random {k}: {rand['perplexity']:.2f} ± {rand['perplexity_std']:.2f} over "
+                         f"{len(rand['draws'])} draws; {rand['most_vs_random']})")
         return text
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable({
             **pick(self, "layers", "attn_cos", "mlp_cos", "structure", "ranking", "base_perplexity"),
-            "drops": [{k: d[k] for k in ("k", "strategy", "layers", "perplexity")} for d in self.drops],
+            "drops": self.drops,
             "note": self.note,
         })
 
@@ -128,12 +132,16 @@ class RedundancyResult:
         return figs
 
     def table(self):
-        cols = ["k", "strategy", "dropped attention blocks", "perplexity", "× base"]
+        cols = ["k", "strategy", "dropped attention blocks", "perplexity", "× base", "random spread (sd; min–max)"]
         rows = []
         for d in self.drops:
             ratio = d["perplexity"] / self.base_perplexity if self.base_perplexity else None
-            rows.append([d["k"], d["strategy"], ", ".join(map(str, d["layers"])), round(d["perplexity"], 3),
-                         None if ratio is None else round(ratio, 3)])
+            blocks = ("; ".join(",".join(map(str, r["layers"])) for r in d["draws"]) if "draws" in d
+                      else ", ".join(map(str, d["layers"])))
+            spread = (f"{d['perplexity_std']:.3f}; {d['perplexity_min']:.3f}–{d['perplexity_max']:.3f}"
+                      if "draws" in d else "")
+            rows.append([d["k"], d["strategy"], blocks, round(d["perplexity"], 3),
+                         None if ratio is None else round(ratio, 3), spread])
         return cols, rows
 
 
@@ -143,7 +151,8 @@ EXPLANATION = (
     "input and its output (input plus what the sub-layer adds to the residual stream), averaged over sampled tokens: "
     "close to 1 means the sub-layer is nearly an identity and likely redundant. The table drops the k attention "
     "sub-layers with the highest similarity (their output set to zero, so the residual passes through) and reports "
-    "the perplexity on held-out text next to dropping k random and the k least redundant ones; if similarity "
+    "the perplexity on held-out text next to dropping k random ones (the mean over several distinct random draws, "
+    "with its spread) and the k least redundant ones; if similarity "
     "identifies redundancy, the 'most redundant' line stays lowest."
 )
 
@@ -174,22 +183,53 @@ def _cosines(model, data: ProfileData, structure: str) -> tuple[list[float], lis
     return attn_cos, mlp_cos, note
 
 
+def _random_subsets(n_layers: int, k: int, draws: int, gen: torch.Generator) -> list[list[int]]:
+    """``draws`` distinct random k-subsets of the blocks (all of them, in order, when there are no more)."""
+    if math.comb(n_layers, k) <= draws:
+        return [list(c) for c in itertools.combinations(range(n_layers), k)]
+    seen: list[list[int]] = []
+    while len(seen) < draws:
+        chosen = sorted(torch.randperm(n_layers, generator=gen)[:k].tolist())
+        if chosen not in seen:
+            seen.append(chosen)
+    return seen
+
+
+def _compare(most: float, ppls: list[float]) -> str:
+    """How the most-redundant drop compares with the random draws."""
+    mean, std = statistics.fmean(ppls), statistics.pstdev(ppls)
+    if most < min(ppls):
+        return f"lower than all {len(ppls)} random draws"
+    if most < mean - std:
+        return "lower than the random mean by more than one standard deviation"
+    if most < mean:
+        return "lower than the random mean, within one standard deviation"
+    return "not lower than the random mean"
+
+
 def _drop_experiment(model, result: RedundancyResult, texts: list[str], ks: list[int], seed: int,
-                     batch_size: int) -> None:
-    """Perplexity with the k most / random / least redundant attention sub-layers dropped, into ``result``."""
+                     batch_size: int, draws: int) -> None:
+    """Perplexity with the k most / random (several draws) / least redundant attention sub-layers dropped."""
     n_layers = len(result.layers)
+
+    def ppl(chosen):
+        with model.edit(drop_attention(chosen)):
+            return math.exp(log_perplexity(model, texts, batch_size))
+
     result.base_perplexity = math.exp(log_perplexity(model, texts, batch_size))
     gen = torch.Generator().manual_seed(seed)
     for k in ks:
-        choices = {
-            "most": sorted(result.ranking[:k]),
-            "random": sorted(torch.randperm(n_layers, generator=gen)[:k].tolist()),
-            "least": sorted(result.ranking[-k:]),
-        }
-        for strategy, chosen in choices.items():
-            with model.edit(drop_attention(chosen)):
-                ppl = math.exp(log_perplexity(model, texts, batch_size))
-            result.drops.append({"k": k, "strategy": strategy, "layers": chosen, "perplexity": ppl})
+        most = {"k": k, "strategy": "most", "layers": sorted(result.ranking[:k])}
+        most["perplexity"] = ppl(most["layers"])
+        runs = [{"layers": chosen, "perplexity": ppl(chosen)} for chosen in _random_subsets(n_layers, k, draws, gen)]
+        values = [r["perplexity"] for r in runs]
+        rand = {"k": k, "strategy": "random", "layers": sorted({i for r in runs for i in r["layers"]}),
+                "perplexity": statistics.fmean(values), "perplexity_std": statistics.pstdev(values),
+                "perplexity_min": min(values), "perplexity_max": max(values), "draws": runs,
+                "most_vs_random": _compare(most["perplexity"], values)}
+        least = {"k": k, "strategy": "least", "layers": sorted(result.ranking[-k:])}
+        least["perplexity"] = ppl(least["layers"])
+        result.drops += [most, rand, least]
 
 
 def module_redundancy(
@@ -200,12 +240,16 @@ def module_redundancy(
     *,
     seed: int = 0,
     batch_size: int = 8,
+    random_draws: int = 5,
 ) -> RedundancyResult:
     """Input/output cosine of every attention and MLP sub-layer, and perplexity when dropping attention.
 
     The dropping experiment runs on models with an LM head when ``eval_texts`` (default
-    ``data.eval_texts``) are given, for every ``k`` in ``ks`` smaller than the number of layers.
+    ``data.eval_texts``) are given, for every ``k`` in ``ks`` smaller than the number of layers. The
+    random baseline is the mean over ``random_draws`` distinct seeded draws of k blocks (every k-subset
+    when there are no more than that), reported with its standard deviation, range and draws.
     """
+    positive_int(random_draws, "random_draws")
     n_layers = model.n_layers
     structure = model.anatomy.structure
     needed = ["embed"] + [f"resid.{i}" for i in range(n_layers)] + [f"attn.{i}" for i in range(n_layers)]
@@ -226,7 +270,7 @@ def module_redundancy(
     elif not ks:
         raise ActlabError(f"ks must hold at least one k in 1..{n_layers - 1}; got {list(ks)}")
     else:
-        _drop_experiment(model, result, texts, ks, seed, batch_size)
+        _drop_experiment(model, result, texts, ks, seed, batch_size, random_draws)
     return result
 
 

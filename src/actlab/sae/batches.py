@@ -71,12 +71,10 @@ class StepBatches:
             batch, self._cached = self._cached, None
             return batch
         if self.mode == "tensor":
-            batch = self._from_tensor(step)
-        elif self.mode == "function":
-            batch = self.source(step)
+            batch = self._from_tensor(step)  # rows of the tensor checked whole at the start
         else:
-            batch = self._pull(step)
-        self._check(batch, f"the batch of step {step}")
+            batch = self.source(step) if self.mode == "function" else self._pull(step)
+            self._check(batch, f"the batch of step {step}")
         if _is_pair(batch):
             return batch[0].float(), batch[1].float()
         x = batch.float()
