@@ -58,7 +58,7 @@ class ProfileRun:
         raise KeyError(key)
 
 
-def _default_texts(model) -> tuple[list[str], list[str]]:
+def default_texts(model) -> tuple[list[str], list[str]]:
     """The bundled prompt set to profile on, and held-out neutral passages for perplexity checks."""
     from actlab.datasets import default_prompts
 
@@ -101,7 +101,7 @@ def run_profile(
     unknown = sorted(set(analyses) - set(ANALYSES))
     if unknown:
         raise ActlabError(f"unknown analyses {unknown}; choose from {', '.join(ANALYSES)}")
-    default_docs, default_eval = _default_texts(model)
+    default_docs, default_eval = default_texts(model)
     docs = list(docs) if docs is not None else default_docs
     eval_texts = list(eval_texts) if eval_texts is not None else default_eval
     start = time.perf_counter()
