@@ -162,6 +162,6 @@ def main() -> None:  # pragma: no cover
 
 
 # the command modules register themselves on the apps above (in this order, which is the order of --help)
-from actlab.cli import demo, model, data, profile, steer, paste, sae, browse, probe  # noqa: E402,F401
+from actlab.cli import demo, model, data, profile, steer, paste, sae, browse, probe, sparse  # noqa: E402,F401
 
 __all__ = ["app", "main", "friendly", "console", "err_console", "at_least", "positive", "one_of"]

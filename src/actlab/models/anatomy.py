@@ -230,6 +230,43 @@ class Anatomy:
         raise ActlabError(f"{self._sitemap.model_class}: no MLP input projection found in block {layer} "
                           f"(looked for {', '.join(_FUSED_NAMES + _GATE_NAMES + _UP_NAMES)})")
 
+    def post_mlp_norm(self, layer: int) -> nn.Module | None:
+        """The norm a block applies to its MLP's output before adding it to the residual (Gemma 2/3's
+        post-feedforward norm): ``mlp.{layer}`` holds this norm of ``mlp_parts(layer)(mlp.in.{layer})``.
+        None where ``mlp.{layer}`` is the MLP's own output (every other architecture)."""
+        site, hidden = f"mlp.{layer}", f"mlp.hidden.{layer}"
+        if site not in self._sitemap or hidden not in self._sitemap:
+            return None
+        path, down = self._sitemap[site].module_path, self._sitemap[hidden].module_path
+        return None if path in (down, _parent(down)) else self._hf.get_submodule(path)
+
+    def mlp_module(self, layer: int) -> nn.Module | None:
+        """The one module that computes block ``layer``'s whole MLP: its input is ``mlp.in.{layer}`` and it holds
+        the down projection (Llama family, GPT-2, GPT-NeoX, Phi-3, Gemma). None where the MLP is spread over the
+        block (OPT's fc1 / fc2, BERT's intermediate / output)."""
+        site, hidden = f"mlp.in.{layer}", f"mlp.hidden.{layer}"
+        if site not in self._sitemap or hidden not in self._sitemap:
+            return None
+        path = self._sitemap[site].module_path
+        if path != _parent(self._sitemap[hidden].module_path) or self._sitemap[site].mode != "input":
+            return None
+        return self._hf.get_submodule(path)
+
+    def override_mlp(self, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]):
+        """Run ``fn(mlp input) -> MLP output`` instead of block ``layer``'s MLP module's own computation until the
+        returned handle is removed; hooks on the module (``mlp.in``, ``mlp.{layer}`` where it is the module's
+        output) still run, the module's children (``mlp.hidden``) do not. None where ``mlp_module`` is None.
+        What a faster implementation of the same MLP (actlab.sparse) needs: the dense one is not computed."""
+        from actlab.engine.hooks import Handle
+
+        module = self.mlp_module(layer)
+        if module is None:
+            return None
+        if "forward" in module.__dict__:
+            raise ActlabError(f"the MLP of block {layer} is already overridden; remove the other override first")
+        module.forward = lambda x, *args, **kwargs: fn(x)
+        return Handle(lambda: module.__dict__.pop("forward", None))
+
     def _block_path(self, layer: int) -> str:
         return f"{self._sitemap.blocks_path}.{layer}" if self._sitemap.blocks_path else str(layer)
 
