@@ -116,6 +116,26 @@ def documents(data: Optional[Path], model, max_tokens: Optional[int]):
     return docs
 
 
+def text_documents(data: Optional[Path], what: str) -> Optional[list[str]]:
+    """The text documents of ``--data`` (None when not given); token-id files are refused for ``what``."""
+    if data is None:
+        return None
+    from actlab.io import read_documents
+
+    docs = list(read_documents(data))
+    if not docs or not isinstance(docs[0], str):
+        raise ActlabError(f"{data}: {what} reads text documents (.txt or .jsonl), not token ids")
+    return docs
+
+
+def load_sae_arg(path: Path):
+    """An SAE given on the command line: our file or the folder `actlab sae train` wrote, SAELens or sparsify."""
+    from actlab.sae.interop import load_external
+    from actlab.sae.pipeline import SAE_FILE
+
+    return load_external(path / SAE_FILE if path.is_dir() and (path / SAE_FILE).exists() else path)
+
+
 def prompt_list(path: Optional[Path]) -> list[str]:
     """The prompts of a file (default: the bundled prompt set)."""
     from actlab.datasets import default_prompts

@@ -8,7 +8,9 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from actlab.cli import DeviceOpt, DtypeOpt, ModelArg, app, at_least, console, friendly, load_model, takes
+from actlab.cli import (
+    DeviceOpt, DtypeOpt, ModelArg, app, at_least, console, friendly, load_model, load_sae_arg, takes, text_documents,
+)
 from actlab.errors import ActlabError
 
 
@@ -29,21 +31,11 @@ class BrowseOptions:
 
 
 def _sae(path: Path):
-    from actlab.sae.interop import load_external
-    from actlab.sae.pipeline import SAE_FILE
-
-    return load_external(path / SAE_FILE if path.is_dir() and (path / SAE_FILE).exists() else path)
+    return load_sae_arg(path)
 
 
 def _texts(data: Optional[Path]):
-    if data is None:
-        return None
-    from actlab.io import read_documents
-
-    docs = list(read_documents(data))
-    if not docs or not isinstance(docs[0], str):
-        raise ActlabError(f"{data}: the browser reads text documents (.txt or .jsonl), not token ids")
-    return docs
+    return text_documents(data, "the browser")
 
 
 @app.command("browse")

@@ -11,7 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from actlab.cli import (
-    DeviceOpt, DtypeOpt, ModelArg, app, at_least, console, friendly, load_model, one_of, positive, takes,
+    DeviceOpt, DtypeOpt, ModelArg, app, at_least, console, friendly, load_model, load_sae_arg, one_of, positive, takes,
+    text_documents,
 )
 from actlab.errors import ActlabError
 
@@ -24,22 +25,11 @@ TEXT_HELP = ("Training text: .txt / .jsonl documents (default: actlab's bundled 
 
 
 def _texts(data: Optional[Path]):
-    if data is None:
-        return None
-    from actlab.io import read_documents
-
-    docs = list(read_documents(data))
-    if not docs or not isinstance(docs[0], str):
-        raise ActlabError(f"{data}: SAE training reads text documents (.txt or .jsonl), not token ids")
-    return docs
+    return text_documents(data, "SAE training")
 
 
 def _load(path: Path):
-    from actlab.sae.interop import load_external
-    from actlab.sae.pipeline import SAE_FILE
-
-    target = path / SAE_FILE if path.is_dir() and (path / SAE_FILE).exists() else path
-    return load_external(target)
+    return load_sae_arg(path)
 
 
 def _ints(text: str, option: str) -> list[int]:
