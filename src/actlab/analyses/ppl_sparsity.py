@@ -27,7 +27,6 @@ import torch
 from actlab.analyses.base import ProfileData, Skipped, layer_index, perplexity, pick, reservoir_acts, sites_of_kind
 from actlab.analyses.figures import integer_xaxis, new_axes
 from actlab.engine.config import Config, check_fields
-from actlab.engine.hooks import ForwardState
 from actlab.errors import ActlabError
 from actlab.report.serialize import to_jsonable
 from actlab.sparse.cett import CettCurve, ContributionThreshold, output_norms
@@ -59,32 +58,10 @@ Evaluate = Callable[[float, dict[str, float]], float]
 
 
 @dataclass
-class ThresholdEdit:
-    """Zero the entries of ``site`` whose magnitude is below ``threshold`` (``|x| < threshold``).
-
-    While it runs it counts, over real (non-padding) tokens, how many entries of the edited
-    activation are exactly zero: ``measured_sparsity`` is the sparsity the model really ran with.
-    """
-
-    site: str
-    threshold: float
-    n_zero: int = field(default=0, repr=False)
-    n_total: int = field(default=0, repr=False)
-
-    def __call__(self, h: torch.Tensor, state: ForwardState) -> torch.Tensor:
-        new = h if self.threshold <= 0 else torch.where(h.abs() < self.threshold, torch.zeros_like(h), h)
-        if new.ndim == 3 and state.batch_size == new.shape[0] and state.length == new.shape[1]:
-            real = state.token_mask().to(new.device)
-            rows = new[real]
-        else:
-            rows = new.reshape(-1, new.shape[-1])
-        self.n_zero += int((rows == 0).sum())
-        self.n_total += int(rows.numel())
-        return new
-
-    @property
-    def measured_sparsity(self) -> float:
-        return self.n_zero / self.n_total if self.n_total else math.nan
+class ThresholdEdit(ContributionThreshold):
+    """Zero the entries of ``site`` whose magnitude is below ``threshold`` (``|x| < threshold``): the
+    uniform-quantile rule's edit, a ``ContributionThreshold`` without output norms (it counts the
+    sparsity the model really ran with the same way)."""
 
 
 def layer_thresholds(sorted_abs: dict[str, np.ndarray], level: float) -> dict[str, float]:

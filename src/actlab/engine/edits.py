@@ -119,7 +119,7 @@ def default_input_site(site: str) -> str:
     return "embed" if layer == 0 else f"resid.{layer - 1}"
 
 
-class _StoreInput:
+class StoreInput:
     """Edit that leaves its site unchanged and remembers the activation for the paired replacement.
     The slot is keyed by thread: one ``Replace`` can serve forward passes in several threads at once."""
 
@@ -178,5 +178,5 @@ class Replace:
 
     def edits(self) -> list:
         """The two engine edits (store the input, replace the output) sharing one slot."""
-        return [_StoreInput(self.input_site, self._slot),
+        return [StoreInput(self.input_site, self._slot),
                 _ReplaceOutput(self.site, self.input_site, self._slot, self.fn)]

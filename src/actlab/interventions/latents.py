@@ -10,12 +10,13 @@ Steering *along* a latent is a plain steering vector: ``latent_direction`` gives
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from actlab.engine.edits import _StoreInput, column_mask, default_input_site
+from actlab.engine.edits import StoreInput, column_mask, default_input_site
 from actlab.errors import ActlabError
 from actlab.interventions.base import Intervention, register
 from actlab.interventions.types import SteeringVector
@@ -96,7 +97,7 @@ class LatentEdit(Intervention):
 
     def edits(self) -> list:
         if self.sae.transcoder:
-            return [_StoreInput(default_input_site(self.site), self._slot), self]
+            return [StoreInput(default_input_site(self.site), self._slot), self]
         return [self]
 
     def changed(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,8 +125,6 @@ class LatentEdit(Intervention):
     def __call__(self, h, state):
         if not self.sae.transcoder:
             return super().__call__(h, state)
-        import threading
-
         x = self._slot.pop(threading.get_ident(), None)
         if x is None or x.shape[:-1] != h.shape[:-1]:
             raise ActlabError(f"the transcoder edit at '{self.site}' did not see its input "

@@ -161,7 +161,7 @@ def evaluate_on_model(model, sae: SparseAutoencoder, site: str, *, texts: Sequen
     metrics["density_histogram"] = _log_histogram(density)
     if spliced:
         used = _texts_for(model, texts, max_tokens)
-        metrics.update(spliced_loss(model, sae, site, used, progress=progress))
+        metrics.update(spliced_loss(model, sae, site, used, site_mean=acts[site].double().mean(0), progress=progress))
     return metrics
 
 

@@ -58,11 +58,12 @@ def _losses(model, ids: torch.Tensor, mask: torch.Tensor, clean_logp: torch.Tens
 
 @torch.no_grad()
 def spliced_loss(model, sae: SparseAutoencoder, site: str, texts: Sequence[str], *, batch_size: int = 8,
-                 max_length: int | None = None, progress: bool = False) -> dict:
+                 max_length: int | None = None, site_mean: torch.Tensor | None = None, progress: bool = False) -> dict:
     """CE of the clean model, with ``site`` spliced, zero- and mean-ablated; KL of the splice; CE recovered.
 
     ``site`` is what the SAE reconstructs (``mlp.i`` for a transcoder). Texts are truncated to
-    ``max_length`` tokens (default: the model's context)."""
+    ``max_length`` tokens (default: the model's context). ``site_mean`` (the site's mean activation, for
+    the mean-ablation) is measured on ``texts`` when not given."""
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if not texts:
         raise ActlabError("spliced_loss needs at least one non-empty text")
@@ -73,7 +74,7 @@ def spliced_loss(model, sae: SparseAutoencoder, site: str, texts: Sequence[str],
     if model.sites[site] != sae.d_out:
         raise ActlabError(f"the SAE writes width {sae.d_out}, but '{site}' has width {model.sites[site]}")
     sae.eval()
-    mean = _site_mean(model, texts, site, batch_size)
+    mean = _site_mean(model, texts, site, batch_size) if site_mean is None else site_mean.float()
     conditions = {"spliced": reconstruction(sae, site), "zero": _Constant(site, torch.zeros_like(mean)),
                   "mean": _Constant(site, mean)}
     sums = {name: 0.0 for name in ("clean", *conditions)}

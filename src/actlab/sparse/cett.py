@@ -124,7 +124,8 @@ class CettCurve:
 
 @dataclass
 class ContributionThreshold:
-    """Engine edit for an ``mlp.hidden`` site: zero neuron j where ``|a_j| * norms[j] < threshold``.
+    """Engine edit for an ``mlp.hidden`` site: zero neuron j where ``|a_j| * norms[j] < threshold``
+    (``norms`` None: where ``|a_j| < threshold``, the plain magnitude rule).
 
     ``norms`` is ``output_norms(down)`` of that layer. While it runs it counts, over real
     (non-padding) tokens, the entries left exactly zero: ``measured_sparsity`` is the sparsity the
@@ -133,13 +134,13 @@ class ContributionThreshold:
 
     site: str
     threshold: float
-    norms: torch.Tensor
+    norms: torch.Tensor | None = None
     n_zero: int = field(default=0, repr=False)
     n_total: int = field(default=0, repr=False)
 
     def __call__(self, h: torch.Tensor, state) -> torch.Tensor:
         if self.threshold > 0:
-            c = h.abs() * self.norms.to(device=h.device, dtype=h.dtype)
+            c = h.abs() if self.norms is None else h.abs() * self.norms.to(device=h.device, dtype=h.dtype)
             h = torch.where(c < self.threshold, torch.zeros_like(h), h)
         rows = h.reshape(-1, h.shape[-1])
         if h.ndim == 3 and state.batch_size == h.shape[0] and state.length == h.shape[1]:
