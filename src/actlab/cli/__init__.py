@@ -36,7 +36,7 @@ app.add_typer(adapter_app, name="adapter")
 paste_app = typer.Typer(help="Command-V: paste an intervention from a donor model into a recipient.", no_args_is_help=True)
 app.add_typer(paste_app, name="paste")
 
-_SETTINGS = {"allow_pickle": False}
+_SETTINGS: dict = {"allow_pickle": False, "max_memory": None, "offload_folder": None}
 
 
 @app.callback()
@@ -44,8 +44,13 @@ def _global_options(
     allow_pickle: bool = typer.Option(
         False, "--allow-pickle", help="Also load model folders that only have pickle weights (pytorch_model.bin). "
         "Reading pickle can run code: use it only for files you trust."),
+    max_memory: Optional[str] = typer.Option(
+        None, "--max-memory", help="Memory budget for --device-map auto/balanced/sequential, per device: "
+        "'0=70GiB,1=70GiB,cpu=200GiB'."),
+    offload_folder: Optional[Path] = typer.Option(
+        None, "--offload-folder", help="Folder for the weights a device map puts on 'disk'."),
 ) -> None:
-    _SETTINGS["allow_pickle"] = allow_pickle
+    _SETTINGS.update(allow_pickle=allow_pickle, max_memory=max_memory, offload_folder=offload_folder)
 
 
 MODEL_HELP = "A bundled demo model (demo-llama, demo-gpt2), a local model directory, or a hub id (needs network)."
@@ -57,7 +62,9 @@ SITES_HELP = "Sites to read, e.g. 'resid.*', 'mlp.hidden.1-3', 'resid.-1', comma
 
 # options shared by several commands (the same option, defined once)
 ModelArg = typer.Argument("demo-llama", help=MODEL_HELP)
-DeviceOpt = typer.Option("cpu", help="Torch device, e.g. cpu or cuda.")
+DeviceOpt = typer.Option("cpu", "--device", "--device-map", help="Torch device, e.g. cpu or cuda:1; or a device "
+                         "map for a model larger than one device: auto, balanced, sequential, or a JSON file of "
+                         "module -> device (see docs/devices.md).")
 DtypeOpt = typer.Option("float32", help="Weights dtype: float32, bfloat16 or float16.")
 DataOpt = typer.Option(None, help=DATA_HELP)
 MaxTokensOpt = typer.Option(None, help="Stop after this many input tokens.")
@@ -91,11 +98,40 @@ def takes(spec: type) -> Callable:
     return decorate
 
 
+def placement(device: str) -> dict:
+    """``actlab.load`` keywords for ``--device`` / ``--device-map``: one device, a map strategy, or a JSON map file."""
+    import json
+
+    from actlab.models.placement import STRATEGIES
+
+    if device not in STRATEGIES and not device.endswith(".json"):
+        if _SETTINGS["max_memory"] is not None or _SETTINGS["offload_folder"] is not None:
+            raise ActlabError("--max-memory and --offload-folder go with --device-map (auto, balanced, sequential "
+                              "or a JSON map file)")
+        return {"device": device}
+    device_map = device
+    if device.endswith(".json"):
+        try:
+            device_map = json.loads(Path(device).read_text())
+        except (OSError, ValueError) as e:
+            raise ActlabError(f"--device-map {device}: cannot read a JSON device map there ({e})") from None
+    budget = None
+    if _SETTINGS["max_memory"]:
+        try:
+            budget = {k.strip(): v.strip() for k, v in (part.split("=", 1) for part in _SETTINGS["max_memory"].split(","))}
+        except ValueError:
+            raise ActlabError(f"--max-memory {_SETTINGS['max_memory']!r}: write device=size pairs such as "
+                              "'0=70GiB,cpu=200GiB'") from None
+        budget = {int(k) if k.isdigit() else k: v for k, v in budget.items()}
+    return {"device_map": device_map, "max_memory": budget, "offload_folder": _SETTINGS["offload_folder"]}
+
+
 def load_model(model: str, device: str = "cpu", dtype: str = "float32"):
     import actlab
 
+    where = placement(device)
     with console.status(f"loading {model}…"):
-        return actlab.load(model, device=device, dtype=dtype, allow_pickle=_SETTINGS["allow_pickle"])
+        return actlab.load(model, dtype=dtype, allow_pickle=_SETTINGS["allow_pickle"], **where)
 
 
 def documents(data: Optional[Path], model, max_tokens: Optional[int]):

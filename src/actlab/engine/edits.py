@@ -7,6 +7,7 @@ the same ``Edit`` protocol: a callable ``(h, state) -> new h`` with a ``site`` a
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 from dataclasses import dataclass, field
@@ -91,13 +92,14 @@ class SetChannels:
             raise ActlabError(f"channel index out of range for '{self.site}' (width {h.shape[-1]})")
         new = h.clone()
         values = self.values.to(h.device, h.dtype).expand(len(self.channels)) if self.values.ndim == 0 else self.values.to(h.device, h.dtype)
+        channels = self.channels.to(h.device)  # the site's device: a split model's sites live on several
         cols = column_mask(state, self.positions)
         if cols is None:
-            new[..., self.channels] = values
+            new[..., channels] = values
         else:
             cols = cols.to(h.device)
             sub = new[:, cols]
-            sub[..., self.channels] = values
+            sub[..., channels] = values
             new[:, cols] = sub
         return new
 
@@ -132,6 +134,16 @@ class StoreInput:
         return h
 
 
+def _weights_device(fn) -> torch.device | None:
+    """Where a module ``fn`` keeps its weights (None for a plain function, or weights on the meta device): its
+    input goes there. A plain function runs on the replaced site's device."""
+    if not isinstance(fn, torch.nn.Module):
+        return None
+    for tensor in itertools.chain(fn.parameters(), fn.buffers()):
+        return None if tensor.device.type == "meta" else tensor.device
+    return None
+
+
 class _ReplaceOutput:
     """Edit that sets its site to ``fn`` of the input stored earlier in the same forward pass."""
 
@@ -146,11 +158,11 @@ class _ReplaceOutput:
         if x is None or x.shape[:-1] != h.shape[:-1]:
             raise ActlabError(f"replacing '{self.site}': its input '{self.input_site}' was not seen in this "
                               "forward pass (the input site must run before the replaced site)")
-        new = self.fn(x)
+        new = self.fn(x.to(_weights_device(self.fn) or h.device))  # a model split over devices: see docs/devices.md
         if new.shape != h.shape:
             raise ActlabError(f"replacing '{self.site}': fn returned shape {tuple(new.shape)}, the site has "
                               f"{tuple(h.shape)}")
-        return new.to(h.dtype)
+        return new.to(h.device, h.dtype)
 
 
 @dataclass

@@ -145,6 +145,10 @@ class HookManager:
         self._ids = itertools.count()
         self._torch_handles: dict[tuple[str, str], object] = {}
         self._state_handle = None
+        # module path -> where it computes, for a model split over devices (set by its owner): an input hook
+        # moves the tensor there first, so edits and readers of a site always see it on one device
+        self.input_device: Callable[[str], torch.device] | None = None
+        self._targets: dict[tuple[str, str], torch.device] = {}
 
     def _mine(self) -> _ThreadHooks:
         mine = getattr(self._local, "hooks", None)
@@ -230,6 +234,8 @@ class HookManager:
             if key[1] == "output":
                 hook = module.register_forward_hook(self._make_output_hook(key))
             else:
+                if self.input_device is not None:
+                    self._targets[key] = self.input_device(key[0])
                 hook = module.register_forward_pre_hook(self._make_input_hook(key), with_kwargs=True)
             self._torch_handles[key] = hook
         if needed and self._state_handle is None:
@@ -316,10 +322,13 @@ class HookManager:
             sites = None if mine is None or mine.inside or kwargs is None else mine.at.get(key)
             if not sites:
                 return None
+            h = args[0] if args else kwargs["hidden_states"]
+            target = self._targets.get(key)
+            moved = target is not None and h.device != target
+            h, changed = self._apply(mine, sites, h.to(target) if moved else h)
+            changed = changed or moved
             if args:
-                h, changed = self._apply(mine, sites, args[0])
                 return ((h,) + tuple(args[1:]), kwargs) if changed else None
-            h, changed = self._apply(mine, sites, kwargs["hidden_states"])
             if changed:
                 kwargs = dict(kwargs, hidden_states=h)
                 return args, kwargs

@@ -55,11 +55,11 @@ def layout(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torc
 
 def _batch_nll(model: LanguageModel, examples: Sequence[Example], prompt_length_known: bool) -> tuple[torch.Tensor, int]:
     ids, mask, labels, P = layout(examples, model.pad_token_id)
-    targets = labels[:, 1:].to(next(model.hf.parameters()).device)
     hooks = getattr(model, "hooks", None)
     where = hooks.prompt_length(P if prompt_length_known else None) if hooks is not None else nullcontext()
     with where:
         logits = model.hf(**model.forward_inputs(ids, mask)).logits[:, :-1].float()
+    targets = labels[:, 1:].to(logits.device)  # where the logits are (a split model's last device, or its first)
     scored = targets != -100
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
                           reduction="none").view_as(targets)

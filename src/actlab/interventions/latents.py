@@ -103,7 +103,7 @@ class LatentEdit(Intervention):
     def changed(self, x: torch.Tensor) -> torch.Tensor:
         """The change the edit adds for inputs ``x`` [..., d_in] (the site's own tensor for an SAE)."""
         sae = self.sae
-        flat = x.reshape(-1, sae.d_in).float()
+        flat = x.reshape(-1, sae.d_in).to(sae.W_enc.device, torch.float32)
         with torch.no_grad():
             z = sae.encode(flat)
             new = z.clone()
@@ -115,7 +115,7 @@ class LatentEdit(Intervention):
             else:
                 new[:, index] *= values
             delta = sae.decode(new, flat) - sae.decode(z, flat)
-        return delta.view(*x.shape[:-1], sae.d_out)
+        return delta.view(*x.shape[:-1], sae.d_out).to(x.device)
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         if self.sae.transcoder:

@@ -10,6 +10,7 @@ from torch import nn
 
 from actlab.engine.runner import check_device
 from actlab.errors import ActlabError
+from actlab.models import placement
 from actlab.models.model import Model
 
 ZOO_DIR = Path(__file__).parent / "zoo"
@@ -105,8 +106,11 @@ def load(
     name_or_model: str | os.PathLike | nn.Module = DEFAULT_MODEL,
     tokenizer=None,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = "float32",
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
     allow_pickle: bool = False,
@@ -117,23 +121,76 @@ def load(
     saved with ``save_pretrained``, a hub id (needs network), or an HF model object (then pass
     ``tokenizer=``). Remote code never runs unless the caller opts in with the ``trust_remote_code`` flag.
     Weights load from safetensors; pickle weights (``pytorch_model.bin``), which can run code when
-    read, only with ``allow_pickle=True``. The device must exist on this machine.
+    read, only with ``allow_pickle=True``. The device (default cpu) must exist on this machine.
+
+    A model larger than one device takes ``device_map`` instead of ``device`` (see docs/devices.md):
+    ``"auto"`` / ``"balanced"`` / ``"balanced_low_0"`` / ``"sequential"`` (accelerate fills the GPUs within
+    ``max_memory``, e.g. ``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}``), or a dict of module name -> device
+    (``"cuda:N"``, ``N``, ``"cpu"``, ``"disk"``). Maps are checked on an empty (meta-device) copy before any
+    weight is read; modules placed on ``"disk"`` need ``offload_folder``. An HF model that accelerate
+    already dispatched (it has ``hf_device_map``) is used as it is.
     """
-    dev = check_device(device)
     torch_dtype = _dtype(dtype)
+    if device_map is not None and device is not None:
+        raise ActlabError("pass device= (one device) or device_map= (a model split over devices), not both")
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise ActlabError("max_memory and offload_folder go with device_map=; pass device_map='auto' or a map")
+    dev = check_device("cpu" if device is None else device)
     if isinstance(name_or_model, nn.Module):
-        model = name_or_model.to(dev)
-        if torch_dtype is not None:
-            model = model.to(torch_dtype)
-        return Model(model, tokenizer, name=getattr(model.config, "_name_or_path", None) or None)
+        return Model(_place_module(name_or_model, dev, torch_dtype, device_map, max_memory, offload_folder,
+                                   explicit_device=device is not None),
+                     tokenizer, name=getattr(name_or_model.config, "_name_or_path", None) or None)
     name = _check_name(name_or_model)
-    model, tokenizer = _from_pretrained(name, tokenizer, torch_dtype, revision=revision,
+    split = None if device_map is None else (device_map, max_memory, offload_folder)
+    model, tokenizer = _from_pretrained(name, tokenizer, torch_dtype, revision=revision, split=split,
                                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    return Model(model.to(dev), tokenizer, name=name)
+    return Model(model if device_map is not None else model.to(dev), tokenizer, name=name)
 
 
-def _from_pretrained(name: str, tokenizer, torch_dtype, *, revision, trust_remote_code: bool, allow_pickle: bool):
-    """The HF model and tokenizer of a bundled name, local folder or hub id; any failure is one ActlabError."""
+def _place_module(model: nn.Module, dev: torch.device, torch_dtype, device_map, max_memory, offload_folder,
+                  *, explicit_device: bool) -> nn.Module:
+    """An HF model object on one device, split by ``device_map``, or (already dispatched) left where it is."""
+    if placement.is_dispatched(model):
+        if device_map is not None or explicit_device:
+            raise ActlabError("this model is already dispatched over devices by accelerate (it has hf_device_map): "
+                              "load it without device= or device_map=, or pass the model before dispatching it")
+        if torch_dtype is not None and model.dtype != torch_dtype:
+            raise ActlabError(f"this dispatched model holds {model.dtype} weights; convert it before dispatching, "
+                              "or pass dtype=None")
+        return model
+    if torch_dtype is not None:
+        model = model.to(torch_dtype)
+    if device_map is None:
+        return model.to(dev)
+    resolved = placement.resolve_map(model, device_map, max_memory, torch_dtype or model.dtype, offload_folder)
+    return placement.dispatch(model, resolved, offload_folder)
+
+
+def _split_kwargs(cls, config, torch_dtype, split, trust_remote_code: bool) -> dict:
+    """``from_pretrained`` keywords for a split model: the map resolved and checked on an empty (meta-device)
+    model built from the config, so a bad map fails before any weight is read."""
+    if split is None:
+        return {}
+    from accelerate import init_empty_weights
+
+    device_map, max_memory, offload_folder = split
+    with init_empty_weights():
+        empty = cls.from_config(config, trust_remote_code=trust_remote_code)
+    empty.tie_weights()  # tied weights are one tensor, so a map keeps them together
+    dtype = torch_dtype or getattr(config, "dtype", None)  # sizes for 'auto' maps: the dtype the weights load in
+    if not isinstance(dtype, torch.dtype):
+        dtype = getattr(torch, str(dtype), torch.float32)
+    resolved = placement.resolve_map(empty, device_map, max_memory, dtype, offload_folder)
+    kwargs = {"device_map": resolved}
+    if offload_folder is not None:
+        kwargs["offload_folder"] = str(offload_folder)
+    return kwargs
+
+
+def _from_pretrained(name: str, tokenizer, torch_dtype, *, revision, trust_remote_code: bool, allow_pickle: bool,
+                     split=None):
+    """The HF model and tokenizer of a bundled name, local folder or hub id (split over devices by ``split``:
+    device map, memory budget, offload folder); any failure is one ActlabError."""
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -148,9 +205,10 @@ def _from_pretrained(name: str, tokenizer, torch_dtype, *, revision, trust_remot
     use_safetensors = _use_safetensors(Path(source), allow_pickle) if is_local else (None if allow_pickle else True)
     try:
         config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
-        model = _model_class(config).from_pretrained(
+        cls = _model_class(config)
+        model = cls.from_pretrained(
             source, config=config, dtype=torch_dtype, revision=revision, trust_remote_code=trust_remote_code,
-            use_safetensors=use_safetensors,
+            use_safetensors=use_safetensors, **_split_kwargs(cls, config, torch_dtype, split, trust_remote_code),
         )
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)

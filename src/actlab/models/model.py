@@ -17,6 +17,7 @@ from actlab.engine.capture import Capture, OpenCaptures
 from actlab.engine.hooks import Handle, HookManager, process_random
 from actlab.errors import ActlabError
 from actlab.models import inputs as model_inputs
+from actlab.models import placement
 from actlab.models.sites import SiteMap
 
 _VOLATILE_CONFIG_KEYS = {
@@ -72,6 +73,10 @@ class Model:
         self.name = name or getattr(hf_model.config, "_name_or_path", None) or type(hf_model).__name__
         self.sitemap = SiteMap(hf_model)
         self.hooks = HookManager(hf_model, self.sitemap)
+        self._split = placement.is_dispatched(hf_model)
+        if self._split:  # a site's tensor lives where its module computes, inputs included (docs/devices.md)
+            self.hooks.input_device = lambda path: placement.execution_device(hf_model, path)
+            self._input_device = self.module_device(self._input_module())
         self._captures = OpenCaptures()  # per thread: a call stamps its ids on its own thread's captures
         self._anatomy = None
         self._accepts = set(inspect.signature(hf_model.forward).parameters)
@@ -106,7 +111,31 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
+        """Where inputs go: the device of the input embeddings (for a model split over devices, its first)."""
+        return self._input_device if self._split else next(self.hf.parameters()).device
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """Every device the model computes on (one unless it was loaded with a device map)."""
+        return placement.devices(self.hf) if self._split else [self.device]
+
+    @property
+    def device_map(self) -> dict[str, str] | None:
+        """Module name -> device of a model split by accelerate (``hf_device_map``), else None."""
+        placed = getattr(self.hf, "hf_device_map", None)
+        return {k: str(v) for k, v in placed.items()} if self._split and placed else None
+
+    def module_device(self, path: str) -> torch.device:
+        """Where module ``path`` computes (offloaded modules compute on their execution device)."""
+        return placement.execution_device(self.hf, path) if self._split else self.device
+
+    def site_device(self, site: str) -> torch.device:
+        """The device a site's activation is on when hooks see it: put an SAE or an edit's tensors there."""
+        return self.module_device(self.sitemap[site].module_path)
+
+    def _input_module(self) -> str:
+        emb = self.hf.get_input_embeddings() if hasattr(self.hf, "get_input_embeddings") else None
+        return next((name for name, module in self.hf.named_modules() if module is emb), "")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -119,11 +148,12 @@ class Model:
     @property
     def weights_hash(self) -> str:
         """A short fingerprint of the weights (the first 64 values of every tensor, rounded to bfloat16 so
-        the same checkpoint loaded in another dtype matches): tells the same model under two names
-        (``./path`` and ``demo-llama``) from two fine-tunes that share a config. Computed on each call
-        (milliseconds, and only when a file is written or checked), so weights edited in place count."""
+        the same checkpoint loaded in another dtype, or split over devices, matches): tells the same model
+        under two names (``./path`` and ``demo-llama``) from two fine-tunes that share a config. Computed on
+        each call (milliseconds, and only when a file is written or checked; a disk-offloaded model reads its
+        offloaded tensors back), so weights edited in place count."""
         h = hashlib.sha256()
-        for name, tensor in sorted(self.hf.state_dict().items()):
+        for name, tensor in sorted(placement.state_tensors(self.hf) if self._split else self.hf.state_dict().items()):
             if tensor.is_floating_point() and tensor.device.type != "meta":
                 head = tensor.detach().flatten()[:64].to("cpu", torch.bfloat16).view(torch.int16)
                 h.update(name.encode() + head.numpy().tobytes())

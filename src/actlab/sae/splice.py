@@ -28,7 +28,8 @@ def latent_site(site: str) -> str:
 
 
 def _flat(sae: SparseAutoencoder, h: torch.Tensor) -> torch.Tensor:
-    return h.reshape(-1, h.shape[-1]).to(sae.W_enc.dtype)
+    """The site's rows on the SAE's device and dtype (a split model's sites live on several devices)."""
+    return h.reshape(-1, h.shape[-1]).to(sae.W_enc.device, sae.W_enc.dtype)
 
 
 class SAEView:
@@ -58,7 +59,7 @@ class SAEView:
                                   "them with a LatentEdit intervention (actlab.interventions.latent_edit)")
             new = edited.reshape(-1, sae.n_latents)
             delta = sae.decode(new, x) - sae.decode(z, x)
-        return h + delta.view(h.shape).to(h.dtype), True
+        return h + delta.view(h.shape).to(h.device, h.dtype), True
 
 
 def attach(model, sae: SparseAutoencoder, site: str, *, name: str | None = None) -> Handle:
@@ -86,7 +87,7 @@ class Reconstruct:
 
     def __call__(self, h: torch.Tensor, state: ForwardState) -> torch.Tensor:
         recon, _ = self.sae(_flat(self.sae, h))
-        return recon.view(h.shape).to(h.dtype)
+        return recon.view(h.shape).to(h.device, h.dtype)
 
 
 def reconstruction(sae: SparseAutoencoder, site: str):
@@ -98,6 +99,6 @@ def reconstruction(sae: SparseAutoencoder, site: str):
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         out, _ = sae(_flat(sae, x))
-        return out.view(*x.shape[:-1], sae.d_out)
+        return out.view(*x.shape[:-1], sae.d_out).to(x.device)
 
     return Replace(site, predict)
