@@ -33,6 +33,36 @@ def bench_model(seed: int = 0) -> actlab.Model:
     return actlab.load(hf, tokenizer=None)
 
 
+def store_breakdown(store, repeats: int, no_head_cpu: float) -> None:
+    """Where the store variant's CPU goes: the shard's fill (the model run plus the copies into the shard
+    buffer) and the rest (plan, claim, serialise, sha256, fsync, manifest), timed inside one call each."""
+    import statistics
+    import time
+
+    from actlab.store import shard_writer
+
+    fill, fills, totals = shard_writer.fill_shard, [], []
+
+    def timed_fill(*a, **k):
+        start = time.process_time()
+        try:
+            return fill(*a, **k)
+        finally:
+            fills.append(time.process_time() - start)
+
+    shard_writer.fill_shard = timed_fill
+    try:
+        for _ in range(repeats):
+            start = time.process_time()
+            store()
+            totals.append(time.process_time() - start)
+    finally:
+        shard_writer.fill_shard = fill
+    rest = statistics.median(t - f for t, f in zip(totals, fills))
+    print(f"record, timed inside (median of {repeats}): fill {statistics.median(fills) * 1e3:.1f} ms CPU, the store's own "
+          f"work {rest * 1e3:.1f} ms = {rest / no_head_cpu:.3f} of the no-head forward")
+
+
 def main() -> None:
     args, ids = capture_batch(__doc__)
 
@@ -83,6 +113,8 @@ def main() -> None:
               f"{wall / base_w:13.3f}x")
     print("(runner variants stop after the last requested site, so they skip the LM head: compare them with the "
           "no-head baseline too)")
+
+    store_breakdown(store, args.repeats, head_c)
 
     peer_python = ROOT / ".bench-venv" / "bin" / "python"
     if peer_python.exists():

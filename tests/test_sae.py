@@ -7,7 +7,6 @@ import torch
 
 from actlab.errors import ActlabError
 from actlab.sae import SAETrainConfig, SparseAutoencoder, evaluate_sae, load_sae, save_sae, train_sae
-from actlab.sae.train import CHECKPOINT_NAME
 
 torch.set_num_threads(1)
 FAST = dict(n_latents=64, k=4, batch_size=256, lr=1e-3, dead_after=2560, aux_k=16)
@@ -148,6 +147,28 @@ def test_auxk_revives_dead_latents():
     dead = {aux: evaluate_sae(train_sae(x, 32 * 2, **{**FAST, "n_latents": 256, "aux_k": aux}, steps=300).sae,
                               x)["dead_fraction"] for aux in (0, 32)}
     assert dead[32] < dead[0]
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_latent_shared_adam_scales_a_rare_latents_step_by_its_gradient(shared):
+    # First Adam step: bias-corrected m = g, v = g^2. Shared over latents, the step of W_dec row i is
+    # lr * g_i / sqrt(mean_j g_j^2) per coordinate, so a latent with a 100x smaller gradient moves 100x less;
+    # plain Adam moves every weight by ~lr whatever its gradient (sign(g) up to eps).
+    from actlab.sae.train import _Adam
+
+    sae = SparseAutoencoder(4, 8, "topk", 2)
+    with torch.no_grad():
+        sae.W_dec.zero_()  # the step is then the weight itself, with no rounding from an offset
+    g = torch.zeros(8, 4)
+    g[0], g[1] = torch.tensor([1.0, -2.0, 0.5, 3.0]), torch.tensor([1.0, -2.0, 0.5, 3.0]) * 0.01
+    sae.W_dec.grad = g.clone()
+    _Adam(sae, shared=shared).step(1e-3)
+    moved = sae.W_dec.detach()
+    if shared:
+        expected = -1e-3 * g / g.pow(2).mean(0, keepdim=True).sqrt()
+    else:
+        expected = -1e-3 * g / (g.abs() + 1e-8)
+    torch.testing.assert_close(moved, expected, rtol=1e-4, atol=1e-9)
 
 
 def test_bad_input_is_a_clear_error(data):

@@ -230,6 +230,30 @@ def test_fast_path_agrees_with_exact_path(monkeypatch):
     assert_same_state(fast, exact, float32_input=True)
 
 
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_compiled_pass_agrees_with_torch_path(monkeypatch, nonfinite):
+    """The compiled single pass (stats/kernel.py) and the torch tiles: integer fields, extrema, histogram and
+    top-k identical; moments to float32 rounding (the torch path sums tiles in float32). Several blocks and
+    tiles, values exactly at eps, and (parametrised) a NaN / inf block that must take the exact path."""
+    import actlab.stats.update as update
+    from actlab.stats.kernel import kernel_available
+
+    if not kernel_available():
+        pytest.skip("no C compiler: the torch path is the only one")
+    x, doc, pos, tok = make_data(n=40_000, w=70, seed=22, dtype=torch.float32)
+    x[::7, 61] = torch.tensor(1e-3, dtype=torch.float32)  # |x| == float32(eps): not small
+    x[::5, 62] = -torch.nextafter(torch.tensor(1e-3, dtype=torch.float32), torch.tensor(0.0))  # just below: small
+    if nonfinite:
+        x[30_001, 4], x[30_002, 9] = math.nan, -math.inf
+    compiled = ChannelStats(70, topk=20)
+    compiled.update(x, doc, pos, tok)
+    monkeypatch.setattr(update, "kernel_available", lambda: False)
+    torch_path = ChannelStats(70, topk=20)
+    torch_path.update(x, doc, pos, tok)
+    assert_same_state(compiled, torch_path, float32_input=True)
+    assert torch.equal(compiled.small, (x.abs() < torch.tensor(1e-3, dtype=torch.float32)).sum(0))  # NaN: not small
+
+
 def test_other_input_dtypes_and_layouts():
     x = torch.tensor([[60000.0, 1.0], [70000.0, 2.0]]).half()  # 70000 overflows to inf
     st = ChannelStats(2)

@@ -370,3 +370,20 @@ def test_same_model_under_another_name_reads_the_store(llama, docs, tmp_path):
     assert other.config_hash == llama.config_hash and other.weights_hash != llama.weights_hash
     with pytest.raises(ActlabError, match="recorded with"):
         Store(out).check_model(other)
+
+
+def test_shard_files_are_safetensors_own_bytes_of_their_tensors(llama, docs, tmp_path):
+    """Every shard is exactly what safetensors writes for fresh copies of its tensors and its metadata, whether
+    the recorder kept a one-batch shard's own tensors, reused an earlier shard's buffer or filled a new one."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    for shard_tokens, batch_size in ((60, 4), (10_000, 64), (25, 1)):  # reused buffers; one batch; many shards
+        out = tmp_path / f"s{shard_tokens}"
+        store = record(llama, docs, SITES, out, shard_tokens=shard_tokens, batch_size=batch_size)
+        for path in store.shard_paths():
+            with safe_open(str(path), framework="pt") as f:
+                tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
+                metadata = f.metadata()
+            assert save(tensors, metadata=metadata) == path.read_bytes(), path.name
+    assert store.n_shards > 20 and Store(tmp_path / "s10000").n_shards == 1

@@ -83,16 +83,21 @@ def collect_profile_data(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = False,
+    distributed: bool = False,
 ) -> ProfileData:
-    """One pass over ``docs``: streaming stats + a fixed-size aligned reservoir (memory does not grow)."""
-    from actlab.stats import StatsSink
+    """One pass over ``docs``: streaming stats + a fixed-size aligned reservoir (memory does not grow).
+    With ``distributed`` (inside torchrun) each rank runs its share of the batches and every rank gets
+    the data of all of them, equal to one process's (``actlab.stats.distributed``)."""
+    from actlab.dist.samples import all_reduce_reservoir
+    from actlab.stats.collect import collect_stats
 
     names = list(sites) if sites is not None else default_profile_sites(model)
-    stats = StatsSink({s: model.sites[s] for s in names})
     samples = Reservoir(reservoir_size, seed=seed)
-    summary = model.run(docs, names, [stats, samples], batch_size=batch_size, progress=progress,
-                        description="profiling")
-    return ProfileData(stats=stats, samples=samples, eval_texts=list(eval_texts or []), n_tokens=summary.n_tokens)
+    stats, n_tokens = collect_stats(model, docs, names, batch_size=batch_size, distributed=distributed,
+                                    extra_sinks=[samples], progress=progress)
+    if distributed:
+        all_reduce_reservoir(samples, stats.widths)
+    return ProfileData(stats=stats, samples=samples, eval_texts=list(eval_texts or []), n_tokens=n_tokens)
 
 
 def pick(obj, *names: str) -> dict[str, Any]:

@@ -30,7 +30,8 @@ def _positions(value: str):
 @friendly
 def record(
     model: str = ModelArg,
-    out: Path = typer.Option(..., "--out", "-o", help="Store directory (created; resumed if it holds a partial run)."),
+    out: str = typer.Option(..., "--out", "-o", help="Store directory or fsspec URL such as s3://bucket/acts "
+                            "(created; resumed if it holds a partial run)."),
     data: Optional[Path] = DataOpt,
     sites: str = typer.Option("resid.*", help=SITES_HELP),
     positions: str = typer.Option("all", help="Tokens to record: all, last, or a span start:stop."),
@@ -42,20 +43,32 @@ def record(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ):
-    """Record activations into a sharded, checksummed, resumable on-disk store."""
+    """Record activations into a sharded, checksummed, resumable on-disk store.
+
+    Under ``torchrun --nproc-per-node N -m actlab record ...`` every rank records its share of the shards
+    (on cuda:LOCAL_RANK when --device is cuda) and rank 0 finalises the store."""
+    from actlab.dist import init
     from actlab.io import check_output_dir
     from actlab.store import record as record_store
+    from actlab.store.remote import is_url
 
     where = _positions(positions)
     for value, option in ((batch_size, "--batch-size"), (shard_tokens, "--shard-tokens"), (max_tokens, "--max-tokens")):
         at_least(value, 1, option)
-    check_output_dir(out, what="activation store")  # what the folder holds is checked by the store itself
-    m = load_model(model, device, dtype)
-    docs = documents(data, m, max_tokens)
-    store = record_store(m, docs, sites, out, positions=where, batch_size=batch_size,
-                         shard_tokens=shard_tokens, dtype=store_dtype, overwrite=overwrite, progress=True)
-    info = store.info()
-    console.print(f"[green]stored[/] {info['n_tokens']:,} tokens × {len(info['sites'])} sites in {escape(str(out))}")
+    if not is_url(out):
+        check_output_dir(out, what="activation store")  # what the folder holds is checked by the store itself
+    with init() as rank:
+        if device == "cuda" and rank.world_size > 1:
+            device = f"cuda:{rank.local_rank}"
+        m = load_model(model, device, dtype)
+        docs = documents(data, m, max_tokens)
+        store = record_store(m, docs, sites, out, positions=where, batch_size=batch_size, shard_tokens=shard_tokens,
+                             dtype=store_dtype, overwrite=overwrite, progress=rank.is_main,
+                             distributed=rank.world_size > 1)
+    if rank.is_main:
+        info = store.info()
+        ranks = f" by {rank.world_size} ranks" if rank.world_size > 1 else ""
+        console.print(f"[green]stored[/] {info['n_tokens']:,} tokens × {len(info['sites'])} sites in {escape(out)}{ranks}")
 
 
 @app.command()
@@ -71,21 +84,32 @@ def stats(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ):
-    """Streaming per-channel statistics (mean, variance, extrema, sparsity, histogram, top-k) of sites."""
+    """Streaming per-channel statistics (mean, variance, extrema, sparsity, histogram, top-k) of sites.
+
+    Under torchrun (`torchrun --nproc-per-node N -m actlab stats ...`) each rank reduces its share of the
+    batches, the statistics are combined across ranks and rank 0 writes the file."""
+    import time
+
+    from actlab.dist import init
+    from actlab.dist.placement import rank_device
     from actlab.io import check_output_file
-    from actlab.stats import StatsSink
+    from actlab.stats.collect import collect_stats
 
     at_least(batch_size, 1, "--batch-size")
     at_least(max_tokens, 1, "--max-tokens")
     at_least(eps, 0, "--eps")
     check_output_file(out)
-    m = load_model(model, device, dtype)
-    docs = documents(data, m, max_tokens)
-    names = m.resolve(sites)
-    sink = StatsSink({s: m.sites[s] for s in names}, eps=eps)
-    summary = m.run(docs, names, sink, batch_size=batch_size, progress=True, description="stats")
-    sink.save(out, metadata=m.identity())
-    table = Table(title=f"{summary.n_tokens:,} tokens, {summary.tokens_per_second:,.0f} tok/s")
+    with init() as rank:
+        m = load_model(model, rank_device(device, rank), dtype)
+        docs = documents(data, m, max_tokens)
+        began = time.perf_counter()
+        sink, tokens = collect_stats(m, docs, sites, batch_size=batch_size, distributed=True,
+                                     progress=rank.is_main, eps=eps)
+        if not rank.is_main:
+            return
+        sink.save(out, metadata=m.identity())
+    ranks = f" on {rank.world_size} ranks" if rank.world_size > 1 else ""
+    table = Table(title=f"{tokens:,} tokens{ranks}, {tokens / (time.perf_counter() - began):,.0f} tok/s")
     rows = sink.summary()
     columns = list(next(iter(rows.values())).keys())
     table.add_column("site")
@@ -99,7 +123,7 @@ def stats(
 
 @store_app.command("info")
 @friendly
-def store_info(path: Path = typer.Argument(..., help="Store directory.")):
+def store_info(path: str = typer.Argument(..., help="Store directory or fsspec URL.")):
     """Summarise a store: model, sites, tokens, shards."""
     from actlab.store import Store
 
@@ -113,7 +137,7 @@ def store_info(path: Path = typer.Argument(..., help="Store directory.")):
 @store_app.command("verify")
 @friendly
 def store_verify(
-    path: Path = typer.Argument(..., help="Store directory."),
+    path: str = typer.Argument(..., help="Store directory or fsspec URL."),
     repair: bool = typer.Option(False, "--repair", help="Remove the damaged shards (file and manifest entry), so "
                                 "that rerunning the same `actlab record` command re-records just those."),
 ):

@@ -95,7 +95,7 @@ class TrainOptions:
     transcoder: bool = typer.Option(False, help="Train a transcoder: read mlp.in.i, predict mlp.i.")
     skip: bool = typer.Option(False, help="Add a linear skip connection.")
     batch_size: int = typer.Option(4096, help="Tokens per training step.")
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default: 2e-4 / sqrt(latents / 16384)).")
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: 6e-4 / sqrt(latents / 16384)).")
     seed: int = typer.Option(0, help="Seed of the initial weights and the data order.")
     device: str = DeviceOpt
     dtype: str = DtypeOpt
@@ -105,8 +105,12 @@ class TrainOptions:
 @friendly
 @takes(TrainOptions)
 def sae_train(o: TrainOptions):
-    """Train an SAE (or transcoder) on a site, streaming activations from the model or reading a store."""
-    from actlab.sae.pipeline import SAE_FILE, TrainPlan, train_on_model, train_several
+    """Train an SAE (or transcoder) on a site, streaming activations from the model or reading a store.
+
+    Under torchrun (`torchrun --nproc-per-node N --no-python actlab sae train ...`) the training is
+    data-parallel: each rank streams its share of the texts (or reads its rows of each store batch),
+    gradients and dead-latent counters are reduced, and rank 0 writes the checkpoint and the SAE."""
+    from actlab.dist import init
 
     one_of(o.kind, ("topk", "batchtopk", "jumprelu"), "--kind")
     for value, option in ((o.expansion, "--expansion"), (o.k, "--k"), (o.batch_size, "--batch-size"),
@@ -115,7 +119,15 @@ def sae_train(o: TrainOptions):
     positive(o.lr, "--lr")
     if o.store is not None and o.data is not None:
         raise ActlabError("give --data or --store, not both")
-    m = load_model(o.model, o.device, o.dtype)
+    with init() as rank:  # under torchrun: data-parallel over the ranks, rank 0 writes (sae/distributed.py)
+        _train(o, rank)
+
+
+def _train(o: TrainOptions, rank) -> None:
+    from actlab.dist.placement import rank_device
+    from actlab.sae.pipeline import SAE_FILE, TrainPlan, train_on_model, train_several
+
+    m = load_model(o.model, rank_device(o.device, rank), o.dtype)
     store = None
     if o.store is not None:
         from actlab.store import Store
@@ -125,14 +137,19 @@ def sae_train(o: TrainOptions):
     options = dict(kind=o.kind, k=o.k, batch_size=o.batch_size, lr=o.lr, seed=o.seed, skip=o.skip)
     sites = m.resolve([o.site])
     if len(sites) > 1:
+        if rank.world_size > 1:
+            raise ActlabError("under torchrun, train one site per job: give one --site (several sites from one "
+                              "stream are single-process for now)")
         if store is not None:
             raise ActlabError("several sites train from one stream of the model: leave out --store, or give one site")
         results = train_several(m, plan, o.out, texts=_texts(o.data), progress=True, **options)
         outputs = {site: o.out / site / SAE_FILE for site in results}
     else:
         results = {sites[0]: train_on_model(m, plan, o.out, texts=_texts(o.data), store=store, progress=True,
-                                            **options)}
+                                            distributed=rank.world_size > 1, **options)}
         outputs = {sites[0]: o.out / SAE_FILE}
+    if not rank.is_main:
+        return
     for site, result in results.items():
         last = result.history[-1] if result.history else {}
         console.print(f"[green]trained[/] {site}: {result.sae.n_latents} latents, {result.steps} steps "

@@ -158,8 +158,8 @@ class _Reader:
         taken = h[self.sel.to(h.device)]
         if not self.opts.grad:
             taken = taken.detach()
-        if self.opts.device is not None:
-            taken = taken.to(self.opts.device, copy=True)
+        if self.opts.device is not None:  # indexing by a tensor already copied: no second copy on the same device
+            taken = taken.to(self.opts.device)
         self.collected[site] = taken
         if self.opts.stop_early and len(self.collected) == len(self.sites):
             raise StopForward

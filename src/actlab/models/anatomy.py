@@ -35,6 +35,11 @@ _ACT_ATTRS = ("act_fn", "act", "activation_fn", "intermediate_act_fn", "activati
 _ACT_CONFIG_KEYS = ("hidden_activation", "hidden_act", "activation_function")
 # the LayerNorm a post-LN block applies to (input + attention output), next to the attention output dense
 _POST_LN_NAMES = ("LayerNorm", "layer_norm", "layernorm", "ln", "norm")
+# attention projections under the attention module (BERT: q/k/v under ``.self``, the output under ``.output``)
+_ATTN_MODULE_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
+_FUSED_QKV_NAMES = ("qkv_proj", "query_key_value", "c_attn", "Wqkv")
+_O_NAMES = ("o_proj", "out_proj", "c_proj", "dense")
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,26 @@ class MLPParts:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The MLP's output (the down projection's) for inputs ``x`` [..., d_model]."""
         return F.linear(self.hidden(x), self.down, self.down_bias)
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One linear map of a block: ``weight`` [out, in] and ``bias`` as ``_linear`` gives them, and its module
+    (to override with ``Anatomy.override_projection``)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    module: nn.Module
+
+
+@dataclass(frozen=True)
+class AttnParts:
+    """One block's attention projections by the input they read: ``qkv`` (q, k, v, or one fused projection:
+    all read the attention's input, the normed residual) and ``o`` (reads the heads' concatenated outputs)."""
+
+    layer: int
+    qkv: tuple[Projection, ...]
+    o: Projection
 
 
 def _linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -267,6 +292,53 @@ class Anatomy:
         module.forward = lambda x, *args, **kwargs: fn(x)
         return Handle(lambda: module.__dict__.pop("forward", None))
 
+    # ------------------------------------------------------------- attention
+    def attn_parts(self, layer: int) -> AttnParts:
+        """The attention projections of block ``layer``: fused (GPT-2's transposed Conv1D ``c_attn``, GPT-NeoX,
+        Phi-3) or separate q / k / v, and the output projection."""
+        block = self._block_path(layer)
+        attn = _child(self._hf, block, _ATTN_MODULE_NAMES) if 0 <= layer < self._sitemap.n_layers else None
+        if attn is None:
+            raise ActlabError(f"{self._sitemap.model_class} has no attention module in block {layer!r} "
+                              f"(looked for {', '.join(_ATTN_MODULE_NAMES)}); layers are 0..{self._sitemap.n_layers - 1}")
+        proj = (lambda found: Projection(*_linear(found[1]), found[1]))  # noqa: E731
+        qkv = None
+        for prefix in (attn[0], f"{attn[0]}.self"):
+            fused = _child(self._hf, prefix, _FUSED_QKV_NAMES)
+            found = next((f for f in ([_child(self._hf, prefix, (n,)) for n in names] for names in _QKV_NAMES)
+                          if all(f)), None)
+            qkv = (proj(fused),) if fused else tuple(proj(f) for f in found) if found else None
+            if qkv:
+                break
+        o = _child(self._hf, attn[0], _O_NAMES) or _child(self._hf, f"{attn[0]}.output", _O_NAMES)
+        if not qkv or o is None:
+            raise ActlabError(f"{self._sitemap.model_class}: no q/k/v or output projection found in '{attn[0]}'")
+        return AttnParts(layer, qkv, proj(o))
+
+    def override_projection(self, projection: Projection, fn: Callable):
+        """Run ``fn(x, dense) -> output`` instead of ``projection``'s module (``dense``: the module's own forward,
+        for a dense fallback) until the returned handle is removed; the module's hooks still run."""
+        from actlab.engine.hooks import Handle
+
+        module = projection.module
+        if "forward" in module.__dict__:
+            raise ActlabError(f"the projection {type(module).__name__} is already overridden; remove that first")
+        dense = type(module).forward.__get__(module)
+        module.forward = lambda x, *args, **kwargs: fn(x, dense)
+        return Handle(lambda: module.__dict__.pop("forward", None))
+
+    def set_mlp_activation(self, layer: int, act: nn.Module) -> None:
+        """Replace block ``layer``'s MLP activation module (the one ``mlp_parts(layer).act`` is) with ``act``, in
+        place: what ReLU-fication (actlab.sparse.relufy) does before fine-tuning."""
+        old = self.mlp_parts(layer).act
+        for module in self._hf.get_submodule(self._block_path(layer)).modules():
+            name = next((a for a in _ACT_ATTRS if getattr(module, a, None) is old), None)
+            if name is not None:
+                setattr(module, name, act)
+                return
+        raise ActlabError(f"{self._sitemap.model_class}: the MLP activation of block {layer} is not a module attribute "
+                          "that can be replaced")
+
     def _block_path(self, layer: int) -> str:
         return f"{self._sitemap.blocks_path}.{layer}" if self._sitemap.blocks_path else str(layer)
 
@@ -289,4 +361,4 @@ class Anatomy:
         return type(act).__name__
 
 
-__all__ = ["Anatomy", "BlockStructure", "MLPParts"]
+__all__ = ["Anatomy", "AttnParts", "BlockStructure", "MLPParts", "Projection"]

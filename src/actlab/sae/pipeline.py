@@ -17,6 +17,8 @@ import torch
 from actlab.errors import ActlabError
 from actlab.files import write_json
 from actlab.sae.feed import ModelStream, store_feed, train_many
+from actlab.dist.env import Rank, current
+from actlab.sae.distributed import RankSlices, agreed_steps, rank_texts
 from actlab.sae.files import save_sae
 from actlab.sae.metrics import evaluate_sae
 from actlab.sae.model import SparseAutoencoder
@@ -94,12 +96,15 @@ def train_several(model, plan: TrainPlan, out: str | Path, config: SAETrainConfi
 
 def train_on_model(model, plan: TrainPlan, out: str | Path, config: SAETrainConfig | None = None, *,
                    texts: Sequence[str] | None = None, store=None, progress: bool = False,
-                   **overrides) -> SAETrainResult:
+                   distributed: bool = False, **overrides) -> SAETrainResult:
     """Train an SAE for ``plan.site`` of ``model`` and write it to ``out`` (see the module docstring).
     Data: ``store`` (an ``actlab.store.Store`` recorded from this model), else ``texts``, else the
-    bundled training text (``actlab.datasets.training_text()``)."""
+    bundled training text (``actlab.datasets.training_text()``). ``distributed`` (inside torchrun):
+    data-parallel over the ranks (``sae/distributed.py``): each rank reads its rows of every store batch,
+    or streams its share of the texts; rank 0 writes the files."""
     read, target = _sites(model, plan)
     width = model.sites[read]
+    rank = current() if distributed else Rank()
     config = _config(model, plan, read, config, overrides)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,22 +117,25 @@ def train_on_model(model, plan: TrainPlan, out: str | Path, config: SAETrainConf
         tokens = plan.tokens or store.n_tokens
         steps = max(1, tokens // config.batch_size)
         feed = store_feed(store, (read, target) if target else read, config.batch_size, steps, seed=config.seed)
+        feed = RankSlices(feed, rank.rank, rank.world_size) if distributed else feed
         source = {"store": str(store.path) if hasattr(store, "path") else "store", "tokens": store.n_tokens}
     else:
         from actlab.datasets import training_text
 
         texts = training_text() if texts is None else list(texts)
-        stream = ModelStream(model, texts, [read] + ([target] if target else []), batch_size=config.batch_size,
-                             chunk_tokens=max(plan.chunk_tokens, config.batch_size), seed=config.seed)
+        texts, rows = rank_texts(texts, config.batch_size) if distributed else (texts, config.batch_size)
+        stream = ModelStream(model, texts, [read] + ([target] if target else []), batch_size=rows,
+                             chunk_tokens=max(plan.chunk_tokens // rank.world_size, rows), seed=config.seed)
         tokens = plan.tokens or stream.batches_per_epoch * config.batch_size
-        steps = max(1, tokens // config.batch_size)
+        steps = agreed_steps(max(1, tokens // config.batch_size))
         feed = stream.pair(read, target) if target else stream.site(read)
         source = {"texts": len(stream.texts), "tokens": stream.tokens}
     config = dataclasses.replace(config, steps=steps)
     config.validate()
     result = train_sae(feed, width, config, d_out=model.sites[target] if target else None,
-                       checkpoint_dir=out, progress=progress)
-    _write(out, model, result, read, target, source)
+                       checkpoint_dir=out, progress=progress and rank.is_main, distributed=distributed)
+    if rank.is_main:
+        _write(out, model, result, read, target, source)
     return result
 
 

@@ -26,6 +26,7 @@ from actlab.engine.progress import progress_bar
 from actlab.errors import ActlabError
 from actlab.files import HeaderFields, load_tensors, save_tensors
 from actlab.sae.batches import StepBatches
+from actlab.sae.distributed import LocalSync, make_sync
 from actlab.sae.files import read_state
 from actlab.sae.model import (TRAINABLE_KINDS, SparseAutoencoder, encoder_input, pick_topk, sparse_decode,
                               sparse_forward)
@@ -41,11 +42,13 @@ _BETAS, _EPS = (0.9, 0.999), 1e-8
 class SAETrainConfig(Config):
     """Options of ``train_sae``.
 
-    ``lr`` None scales with the dictionary size, 2e-4 / sqrt(n_latents / 2^14) (the TopK paper's
-    rule); the rate warms up linearly over ``warmup_steps`` and decays linearly to 0 over the steps
-    after ``decay_from`` (a fraction of ``steps``; 1 disables). ``aux_k`` 0 disables the AuxK loss;
+    ``lr`` None scales with the dictionary size, 6e-4 / sqrt(n_latents / 2^14) (3x the TopK paper's
+    rule, which it can afford with ``latent_shared_adam``: see ``_Adam``); the rate warms up linearly
+    over ``warmup_steps`` and decays linearly to 0 over the steps after ``decay_from`` (a fraction of
+    ``steps``; 1 disables). ``aux_k`` 0 disables the AuxK loss;
     a latent is dead after ``dead_after`` tokens without firing. ``l0_coef`` and ``bandwidth`` are
-    JumpReLU's sparsity weight and straight-through kernel width.
+    JumpReLU's sparsity weight and straight-through kernel width. ``latent_shared_adam`` False is plain
+    Adam (a second moment per weight; slower rates are then needed on real activations).
     """
 
     n_latents: int = 4096
@@ -63,6 +66,7 @@ class SAETrainConfig(Config):
     l0_coef: float = 1e-3
     bandwidth: float = 0.001
     normalize_input: bool = True
+    latent_shared_adam: bool = True
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
@@ -84,7 +88,7 @@ class SAETrainConfig(Config):
 
     def learning_rate(self, step: int) -> float:
         """The rate at ``step`` (0-based): base, warm-up, linear decay."""
-        base = self.lr if self.lr is not None else 2e-4 / math.sqrt(self.n_latents / 2 ** 14)
+        base = self.lr if self.lr is not None else 6e-4 / math.sqrt(self.n_latents / 2 ** 14)
         if step < self.warmup_steps:
             base *= (step + 1) / self.warmup_steps
         start = int(self.decay_from * self.steps)
@@ -107,13 +111,24 @@ class SAETrainResult:
 
 # ------------------------------------------------------------------ Adam, with its moments as named tensors
 class _Adam:
-    """Adam written out so its state is plain named tensors plus one step counter (savable without pickle)."""
+    """Adam written out so its state is plain named tensors plus one step counter (savable without pickle).
 
-    def __init__(self, sae: SparseAutoencoder):
+    With ``shared`` the second moment of ``W_enc``, ``b_enc`` and ``W_dec`` is averaged over the latents
+    (per input / output coordinate, one for ``b_enc``) before it divides the step. Plain Adam (and signum)
+    gives a latent that fires on a few tokens a step as large as a common latent's, driven by a handful of
+    tokens: at higher rates such latents drift onto training-only detail and stop firing on new text
+    (docs/sae.md). Shared, a latent's step scales with its gradient, i.e. with the evidence it has."""
+
+    _LATENT_AXIS = {"W_enc": 1, "b_enc": 0, "W_dec": 0}
+
+    def __init__(self, sae: SparseAutoencoder, shared: bool = True):
         self.params = dict(sae.named_parameters())
-        self.m = {k: torch.zeros_like(p) for k, p in self.params.items()}
-        self.v = {k: torch.zeros_like(p) for k, p in self.params.items()}
+        # contiguous (W_enc starts as a transpose), like the tensors a checkpoint loads: the shared mean
+        # then sums in the same order after a resume
+        self.m = {k: torch.zeros(p.shape, dtype=p.dtype, device=p.device) for k, p in self.params.items()}
+        self.v = {k: torch.zeros(p.shape, dtype=p.dtype, device=p.device) for k, p in self.params.items()}
         self.t = 0
+        self.axis = {k: a for k, a in self._LATENT_AXIS.items() if k in self.params} if shared else {}
 
     @torch.no_grad()
     def step(self, lr: float) -> None:
@@ -125,7 +140,8 @@ class _Adam:
             g, m, v = p.grad, self.m[name], self.v[name]
             m.mul_(b1).add_(g, alpha=1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            p.addcdiv_(m, (v / c2).sqrt_().add_(_EPS), value=-lr / c1)
+            scale = v.mean(self.axis[name], keepdim=True) if name in self.axis else v
+            p.addcdiv_(m, (scale / c2).sqrt_().add_(_EPS), value=-lr / c1)
             p.grad = None
 
 
@@ -137,6 +153,7 @@ class _Run:
     since_fired: torch.Tensor  # tokens since each latent last fired
     step: int = 0
     history: list = dataclasses.field(default_factory=list)
+    sync: Any = dataclasses.field(default_factory=LocalSync)  # data-parallel hooks (sae/distributed.py)
 
 
 def _save_checkpoint(directory: Path, run: _Run, config: SAETrainConfig) -> Path:
@@ -197,32 +214,34 @@ def _step(run: _Run, x: torch.Tensor, y: torch.Tensor, config: SAETrainConfig) -
         recon, kept, latents, aux_code, xc = sparse_forward(sae, x, aux)
         fired = torch.bincount(latents, weights=kept, minlength=sae.n_latents) > 0  # kept values are >= 0
         active = (kept > 0).sum()
-    variance = (xs - xs.mean(0)).pow(2).sum().clamp_min(1e-12)
+    variance = run.sync.centred_sq(xs).clamp_min(1e-12)
     fvu = (recon - xs).pow(2).sum() / variance
     loss = fvu
     if aux_code is not None:
-        loss = loss + config.aux_coef * _aux_loss(sae, xc, aux_code, (xs - recon).detach())
+        loss = loss + config.aux_coef * _aux_loss(sae, xc, aux_code, (xs - recon).detach(), run.sync)
     if config.kind == "jumprelu":
-        loss = loss + config.l0_coef * sae.l0_penalty(pre)
+        loss = loss + config.l0_coef * sae.l0_penalty(pre) * run.sync.row_share(x.shape[0])
     loss.backward()
+    run.sync.gradients(sae)
     sae.project_decoder_grad()
     run.adam.step(config.learning_rate(run.step))
     sae.normalize_decoder()
     if kept is not None:
-        sae.update_threshold(kept)
-    run.since_fired += x.shape[0]
-    run.since_fired[fired] = 0
+        sae.update_threshold(run.sync.kept(kept))
+    run.since_fired += run.sync.rows(x.shape[0])
+    run.since_fired[run.sync.fired(fired)] = 0
     run.step += 1
-    return {"loss": loss.item(), "fvu": fvu.item(), "l0": active.item() / x.shape[0]}
+    return run.sync.logged(loss, fvu, active, x.shape[0])
 
 
-def _aux_loss(sae: SparseAutoencoder, xc: torch.Tensor, code: tuple, residual: torch.Tensor) -> torch.Tensor:
+def _aux_loss(sae: SparseAutoencoder, xc: torch.Tensor, code: tuple, residual: torch.Tensor,
+              sync: LocalSync) -> torch.Tensor:
     """The TopK paper's AuxK loss: each row's top ``aux_k`` dead latents (``code``, picked with the batch's
     pre-activations by ``sparse_forward`` / ``pick_topk``) reconstruct what the live ones missed, so dead
     latents get a gradient toward useful directions (normalised like the FVU). ``xc`` is the encoder input;
     the gradient goes through ``sparse_decode`` to the picked places only."""
     guess = sparse_decode(sae, xc, code)[0]
-    return (guess - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+    return (guess - residual).pow(2).sum() / sync.centred_sq(residual).clamp_min(1e-12)
 
 
 # ------------------------------------------------------------------ the trainer
@@ -234,20 +253,22 @@ class SAETrainer:
     if the folder already holds one (made with the same options), training continues from it."""
 
     def __init__(self, batches: Any, d_in: int, config: SAETrainConfig, *, d_out: int | None = None,
-                 checkpoint_dir: str | Path | None = None):
+                 checkpoint_dir: str | Path | None = None, distributed: bool = False):
         if isinstance(d_in, bool) or not isinstance(d_in, int) or d_in < 1:
             raise ActlabError(f"d_in must be a positive integer, not {d_in!r}")
         self.config = config
         self.data = StepBatches(batches, d_in, config.batch_size, config.seed, d_out)
         sae = SparseAutoencoder(d_in, config.n_latents, config.kind, config.k, d_out=d_out, skip=config.skip,
                                 bandwidth=config.bandwidth, seed=config.seed)
-        self.run = _Run(sae, _Adam(sae), torch.zeros(config.n_latents, dtype=torch.int64))
+        self.run = _Run(sae, _Adam(sae, config.latent_shared_adam), torch.zeros(config.n_latents, dtype=torch.int64))
+        self.run.sync = make_sync(distributed, self.data.mode)
         self.directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
         if self.directory is not None and (self.directory / CHECKPOINT_NAME).exists():
             _load_checkpoint(self.directory / CHECKPOINT_NAME, self.run, config)
         self.data.start(self.run.step)
         if self.run.step == 0:
-            _initialise(sae, *self.data.first_sample(), config)
+            _initialise(sae, *self.data.first_sample(), config, self.run.sync)
+        self.run.sync.start(self.run)
         self.resumed_from, self.seconds = self.run.step, 0.0
         sae.train()
 
@@ -264,13 +285,14 @@ class SAETrainer:
         logging steps, else None. Checkpoints when due."""
         run, config = self.run, self.config
         began = time.perf_counter()
-        stats = _step(run, *(batch if batch is not None else self.data.get(run.step)), config)
+        stats = _step(run, *run.sync.local(batch if batch is not None else self.data.get(run.step)), config)
         logged = None
         if run.step % config.log_every == 0 or run.step == config.steps:
             stats.update(step=run.step, dead_fraction=float((run.since_fired >= config.dead_after).float().mean()))
             run.history.append(stats)
             logged = stats
-        if self.directory is not None and (run.step % config.checkpoint_every == 0 or run.step == config.steps):
+        due = run.step % config.checkpoint_every == 0 or run.step == config.steps
+        if self.directory is not None and due and run.sync.is_main:
             _save_checkpoint(self.directory, run, config)
         self.seconds += time.perf_counter() - began
         return logged
@@ -287,11 +309,12 @@ def describe(stats: dict) -> str:
 
 def train_sae(batches: torch.Tensor | Callable[[int], torch.Tensor] | Iterable[torch.Tensor], d_in: int,
               config: SAETrainConfig | None = None, *, d_out: int | None = None,
-              checkpoint_dir: str | Path | None = None, progress: bool = False, **overrides) -> SAETrainResult:
+              checkpoint_dir: str | Path | None = None, progress: bool = False, distributed: bool = False,
+              **overrides) -> SAETrainResult:
     """Train an SAE on ``batches`` (a tensor, a function of the step or a re-iterable: ``actlab.sae.batches``);
     with ``d_out`` a transcoder on (input, target) pairs. ``checkpoint_dir``: see ``SAETrainer``."""
     config = SAETrainConfig.with_overrides(config, overrides)
-    trainer = SAETrainer(batches, d_in, config, d_out=d_out, checkpoint_dir=checkpoint_dir)
+    trainer = SAETrainer(batches, d_in, config, d_out=d_out, checkpoint_dir=checkpoint_dir, distributed=distributed)
     with progress_bar("SAE", config.steps, unit="step", enabled=progress) as bar:
         bar.advance(trainer.run.step)
         while not trainer.done:
@@ -303,19 +326,20 @@ def train_sae(batches: torch.Tensor | Callable[[int], torch.Tensor] | Iterable[t
 
 
 @torch.no_grad()
-def _initialise(sae: SparseAutoencoder, x: torch.Tensor, y: torch.Tensor, config: SAETrainConfig) -> None:
+def _initialise(sae: SparseAutoencoder, x: torch.Tensor, y: torch.Tensor, config: SAETrainConfig,
+                sync: LocalSync) -> None:
     """Input (and a transcoder's target) scale to unit mean squared norm; the decoder bias at the
     (scaled) target mean."""
     if config.normalize_input:
-        sae.input_scale.fill_(_unit_scale(x))
+        sae.input_scale.fill_(_unit_scale(x, sync))
         if sae.transcoder:
-            sae.output_scale.fill_(_unit_scale(y))
-    sae.b_dec.copy_(y.mean(0) * sae.target_scale)
+            sae.output_scale.fill_(_unit_scale(y, sync))
+    sae.b_dec.copy_(sync.row_mean(y) * sae.target_scale)
     if sae.transcoder:  # read through the best linear prediction of the target: W_enc = B W_decᵀ
         xs, ys = x * sae.input_scale, y * sae.target_scale - sae.b_dec
-        gram = xs.T @ xs + 1e-3 * xs.shape[0] * torch.eye(xs.shape[1])
-        sae.W_enc.copy_(torch.linalg.solve(gram, xs.T @ ys) @ sae.W_dec.T)
+        gram = sync.total(xs.T @ xs) + 1e-3 * sync.init_rows(xs.shape[0]) * torch.eye(xs.shape[1])
+        sae.W_enc.copy_(torch.linalg.solve(gram, sync.total(xs.T @ ys)) @ sae.W_dec.T)
 
 
-def _unit_scale(x: torch.Tensor) -> float:
-    return 1.0 / float(x.pow(2).sum(1).mean().sqrt().clamp_min(1e-12))
+def _unit_scale(x: torch.Tensor, sync: LocalSync) -> float:
+    return 1.0 / float(sync.row_mean(x.pow(2).sum(1)).sqrt().clamp_min(1e-12))

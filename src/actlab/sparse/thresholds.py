@@ -35,6 +35,7 @@ __all__ = ["METHODS", "FORMAT", "Thresholds", "calibrate", "quantile", "load_thr
 METHODS = ("teal", "wina", "cats", "cett")
 FORMAT = "actlab.sparse_thresholds"
 CETT_TOKENS = 2048  # CETT's search evaluates many truncations: it calibrates on at most about this many tokens
+_NAMES = ("mlp.in.", "mlp.hidden.", "attn.in.", "attn.o.")
 _HINT = "calibrate them again with `actlab sparsify MODEL --method ... -o FILE`"
 
 
@@ -53,6 +54,10 @@ class Thresholds:
     @property
     def layers(self) -> list[int]:
         return sorted({int(k.rsplit(".", 1)[1]) for k in self.tensors})
+
+    @property
+    def mlp_layers(self) -> list[int]:
+        return sorted({int(k.rsplit(".", 1)[1]) for k in self.tensors if k.startswith("mlp.")})
 
     def pair(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return self.tensors.get(f"mlp.in.{layer}"), self.tensors.get(f"mlp.hidden.{layer}")
@@ -81,18 +86,28 @@ def load_thresholds(path: str | Path, model=None) -> Thresholds:
         sparsity = float(fields.text("sparsity"))
     except ValueError:
         raise fields.damaged("its sparsity is not a number") from None
-    ok_names = all(k.startswith(("mlp.in.", "mlp.hidden.")) and k.rsplit(".", 1)[1].isdigit() for k in tensors)
+    ok_names = all(k.startswith(_NAMES) and k.rsplit(".", 1)[1].isdigit() for k in tensors)
     if method not in METHODS or rule not in ("hidden", "gate") or not ok_names or not all(
             t.ndim == 1 and t.dtype == torch.float32 and not bool(torch.isnan(t).any()) for t in tensors.values()):
         raise fields.damaged("its method, rule or tensors are not what actlab writes")
     out = Thresholds(method, sparsity, tensors, made_for, rule, fields.json("info", dict, {}))
     if model is not None:
         out.check_model(model)
+        from actlab.sparse.attention import input_width
+
         for name, t in tensors.items():
-            if model.sites.get(name) != t.shape[0]:
+            width = model.sites.get(name) if name.startswith("mlp.") else _attn_width(model, name, input_width)
+            if width != t.shape[0]:
                 raise ActlabError(f"thresholds file '{path}' has {name} of width {t.shape[0]}, which {model.name} "
                                   "does not have")
     return out
+
+
+def _attn_width(model, name: str, width) -> int | None:
+    try:
+        return width(model, name)
+    except ActlabError:
+        return None
 
 
 def quantile(values: torch.Tensor, q: float) -> float:
@@ -110,25 +125,43 @@ def _zeroed(x: torch.Tensor, thr: torch.Tensor | None) -> torch.Tensor:
     return x if thr is None else torch.where(x.abs() > thr, x, torch.zeros_like(x))
 
 
-def _layer(method: str, parts, x: torch.Tensor, sparsity: float) -> dict[str, torch.Tensor]:
-    """Thresholds of one block from its calibration inputs ``x`` [n, d_model] (float32)."""
-    i = parts.layer
+def score_norms(model, method: str, kind: str, layer: int) -> torch.Tensor | None:
+    """WINA's column norms of the weights that read input ``kind`` of block ``layer`` (None for TEAL: |x| alone)."""
+    if method != "wina":
+        return None
+    if kind.startswith("attn."):
+        from actlab.sparse.attention import input_weights
+
+        return input_weights(model, kind, layer).float().norm(dim=0)
+    parts = model.anatomy.mlp_parts(layer)
+    return (_first_weight(parts) if kind == "mlp.in" else parts.down).float().norm(dim=0)
+
+
+def level_threshold(x: torch.Tensor, level: float, norms: torch.Tensor | None) -> torch.Tensor:
+    """Per-channel thresholds that skip ``level`` of ``x`` [n, width] by ``|x_j| * norms_j`` (TEAL: norms = 1)."""
+    if norms is None:
+        return torch.full((x.shape[1],), quantile(x.abs(), level))
+    return quantile(x.abs() * norms, level) / norms
+
+
+def _layer(method: str, model, layer: int, x: torch.Tensor, levels: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Thresholds of one block's MLP inputs from its calibration inputs ``x`` [n, d_model] (float32), each input
+    at its level (``levels["mlp.in"]``, ``levels["mlp.hidden"]``; 0: left dense)."""
+    parts, i = model.anatomy.mlp_parts(layer), layer
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        if method in ("teal", "wina"):
-            norms = _first_weight(parts).float().norm(dim=0) if method == "wina" else torch.ones(x.shape[1])
-            out[f"mlp.in.{i}"] = quantile(x.abs() * norms, sparsity) / norms
+        if method in ("teal", "wina") and levels["mlp.in"] > 0:
+            out[f"mlp.in.{i}"] = level_threshold(x, levels["mlp.in"], score_norms(model, method, "mlp.in", i))
+        if levels["mlp.hidden"] <= 0:
+            return out
         h = parts.hidden(_zeroed(x, out.get(f"mlp.in.{i}")).to(parts.up.dtype)).float()
-        if method == "teal":
-            out[f"mlp.hidden.{i}"] = torch.full((h.shape[1],), quantile(h.abs(), sparsity))
-        elif method == "wina":
-            norms = parts.down.float().norm(dim=0)
-            out[f"mlp.hidden.{i}"] = quantile(h.abs() * norms, sparsity) / norms
+        if method in ("teal", "wina"):
+            out[f"mlp.hidden.{i}"] = level_threshold(h, levels["mlp.hidden"], score_norms(model, method, "mlp.hidden", i))
         elif method == "cats":
             pre = x.to(parts.up.dtype) @ (parts.gate if parts.gated else parts.up).T
             bias = parts.gate_bias if parts.gated else parts.up_bias
             activated = parts.act(pre + bias if bias is not None else pre).float()
-            out[f"mlp.hidden.{i}"] = torch.full((h.shape[1],), quantile(activated.abs(), sparsity))
+            out[f"mlp.hidden.{i}"] = level_threshold(activated, levels["mlp.hidden"], None)
     return out
 
 
@@ -186,10 +219,49 @@ def _inputs(model, docs, layers: list[int], done: "Thresholds | None" = None) ->
     return {i: got.acts[f"mlp.in.{i}"].float() for i in layers}
 
 
+def attn_input(model, docs, kind: str, layer: int, done: "Thresholds | None" = None) -> torch.Tensor:
+    """Block ``layer``'s attention input ``kind`` ("attn.in" or "attn.o") on ``docs`` [tokens, width], with what
+    ``done`` covers already sparse (no padding tokens; the forward stops after that attention)."""
+    from contextlib import nullcontext
+
+    from actlab.engine.batching import selection_mask
+    from actlab.sparse.attention import record_input
+    from actlab.sparse.mlp import splice
+
+    masks: list[torch.Tensor] = []  # each batch's non-padding tokens, as the engine selects them
+
+    def select(rows, width):
+        masks.append(selection_mask(rows, width, "all"))
+        return masks[-1]
+
+    with splice(model, done) if done is not None and done.tensors else nullcontext(), \
+            record_input(model, kind, layer) as got:
+        model.collect(docs, [f"attn.{layer}"], select=select, batch_size=8)
+    return torch.cat([g.reshape(*m.shape, -1)[m] for g, m in zip(got, masks, strict=True)])
+
+
+def _attn_thresholds(model, method: str, docs, layer: int, levels: dict[str, float], done: Thresholds) -> None:
+    """TEAL / WINA thresholds of block ``layer``'s attention inputs into ``done``: the q/k/v input first, then the
+    output projection's input as it is with the q/k/v input sparse (the earlier blocks sparse throughout)."""
+    from actlab.sparse.attention import ATTN_INPUTS
+
+    for kind in ATTN_INPUTS:
+        if levels[kind] > 0:
+            x = attn_input(model, docs, kind, layer, done)
+            done.tensors[f"{kind}.{layer}"] = level_threshold(x, levels[kind], score_norms(model, method, kind, layer))
+
+
 def calibrate(model, method: str = "teal", sparsity: float = 0.5, *, texts=None, tokens: int = 16384,
-              layers: list[int] | None = None) -> Thresholds:
+              layers: list[int] | None = None, attention: bool = True, allocation: str = "uniform",
+              tune_tokens: int = 2048) -> Thresholds:
     """Thresholds of ``method`` that skip ``sparsity`` of each input's channels on ``tokens`` tokens of ``texts``
-    (default: the bundled ``training_text("train")``; check on ``training_text("eval")``)."""
+    (default: the bundled ``training_text("train")``; check on ``training_text("eval")``). ``attention``: TEAL
+    and WINA also sparsify the attention's q/k/v input and output-projection input (CATS and CETT never do).
+    ``allocation="greedy"`` (TEAL, WINA): each block's inputs get their own levels, chosen by
+    ``allocate.greedy_levels`` on the first ``tune_tokens`` tokens so that the block's weight-weighted sparsity is
+    the target with the least block-output error (``info["levels"]``)."""
+    if allocation not in ("uniform", "greedy") or (allocation == "greedy" and method not in ("teal", "wina")):
+        raise ActlabError(f"allocation is 'uniform' or (for teal and wina) 'greedy', not {allocation!r} for {method}")
     if method not in METHODS:
         raise ActlabError(f"unknown sparsity method {method!r}; choose one of {', '.join(METHODS)}")
     if not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1):
@@ -206,9 +278,20 @@ def calibrate(model, method: str = "teal", sparsity: float = 0.5, *, texts=None,
         acts = _inputs(model, docs, layers)
         out.tensors, out.info["cett_target"] = _cett_thresholds(model, acts, sparsity)
     else:  # block by block, each on the inputs it sees with the earlier blocks already sparse
+        units = (("attn.in", "attn.o") if attention and method in ("teal", "wina") else ()) + ("mlp.in", "mlp.hidden")
+        if allocation == "greedy":
+            from actlab.sparse.allocate import greedy_levels
+
+            tune = _calibration_docs(model, texts, min(tune_tokens, tokens))
+            out.info["levels"] = {}
         for i in layers:
+            levels = {u: float(sparsity) if u in units else 0.0 for u in ("attn.in", "attn.o", "mlp.in", "mlp.hidden")}
+            if allocation == "greedy":
+                levels.update(greedy_levels(model, method, tune, i, sparsity, out, units))
+                out.info["levels"][i] = levels
+            _attn_thresholds(model, method, docs, i, levels, out)
             acts = _inputs(model, docs, [i], out)
-            out.tensors.update(_layer(method, model.anatomy.mlp_parts(i), acts[i], sparsity))
+            out.tensors.update(_layer(method, model, i, acts[i], levels))
     out.info["tokens"] = int(next(iter(acts.values())).shape[0])
     out.tensors = {k: v.float().contiguous() for k, v in out.tensors.items()}
     return out

@@ -266,7 +266,7 @@ class ChannelStats:
     def _update_block_fast(self, xb: torch.Tensor, row0: int, aux) -> bool:
         """All-finite fast path; returns False (changing nothing) if the block holds
         NaN/inf (or values whose squares overflow), for the exact path to handle."""
-        block = fast_block(xb, self._mean if self.count > 0 else None, self.eps, self.binning, bool(self.topk))
+        block = fast_block(xb, self.eps, self.binning, bool(self.topk))
         if block is None:
             return False
         self._fold(block, row0, aux)

@@ -116,6 +116,15 @@ class StatsSink:
             st.merge(other.stats[site])
         return self
 
+    def all_reduce(self) -> "StatsSink":
+        """Combine this sink with its twins on the other ranks of a ``torch.distributed`` job: afterwards
+        every rank holds the statistics of all the ranks' tokens, folded in rank order (see
+        ``actlab.stats.distributed``). A no-op in one process. Returns ``self``."""
+        from actlab.stats.distributed import all_reduce_stats
+
+        self.stats = all_reduce_stats(self.stats)
+        return self
+
     @property
     def n_tokens(self) -> int:
         return max((st.count for st in self.stats.values()), default=0)

@@ -32,34 +32,38 @@ def block_top(xb: torch.Tensor, rowmax: torch.Tensor, row0: int, aux, k: int) ->
     lower channel. The block's k best entries lie in the k best rows by that order of
     their max (any other entry is preceded by the max entry of each of those rows), and
     all are >= the k-th largest row max; so only a few candidates are ever sorted, and
-    ties are broken the same way whatever the chunking.
+    ties are broken the same way whatever the chunking. (numpy on the CPU tensors' memory:
+    a dozen small steps, where torch's per-call overhead was most of the cost.)
     """
     n, w = xb.shape
     kk = min(k, n)
-    t_row = torch.topk(rowmax, kk).values[-1]
-    above = torch.nonzero(rowmax > t_row).view(-1)
-    ties = torch.nonzero(rowmax == t_row).view(-1)[: kk - above.numel()]
-    rows = torch.cat([above, ties]).sort().values
-    cand = xb[rows].abs().reshape(-1)  # row-major: (row, channel) order
-    if not bool(torch.isfinite(cand).all()):
-        cand = torch.where(torch.isnan(cand), -1.0, cand)  # NaN never enters the top-k
-    sel = torch.nonzero(cand >= max(float(t_row), 0.0)).view(-1)
+    rm = rowmax.numpy()
+    t_row = float(np.partition(rm, n - kk)[n - kk])  # the kk-th largest row max
+    above = np.flatnonzero(rm > t_row)
+    ties = np.flatnonzero(rm == t_row)[: kk - above.size]
+    rows = np.sort(np.concatenate([above, ties]))
+    xn = xb.numpy()
+    cand = np.abs(xn[rows]).reshape(-1)  # row-major: (row, channel) order
+    if not np.isfinite(cand).all():
+        cand = np.where(np.isnan(cand), -1.0, cand)  # NaN never enters the top-k
+    sel = np.flatnonzero(cand >= max(t_row, 0.0))
     vals = cand[sel]
-    if sel.numel() > k:
-        kth = torch.topk(vals, k).values[-1]
+    if sel.size > k:
+        kth = np.partition(vals, vals.size - k)[vals.size - k]  # the k-th largest
         top = sel[vals > kth]
-        sel = torch.cat([top, sel[vals == kth][: k - top.numel()]]).sort().values
+        sel = np.sort(np.concatenate([top, sel[vals == kth][: k - top.size]]))
     r = rows[sel // w]
     ch = sel % w
-    g = (r + row0).cpu()
+    g = r + row0
     fields = {
-        "top_value": xb[r, ch].to(torch.float64).cpu(),
-        "top_channel": ch.to(torch.int64).cpu(),
+        "top_value": torch.from_numpy(xn[r, ch].astype(np.float64)),
+        "top_channel": torch.from_numpy(ch.astype(np.int64)),
     }
     for name, t in zip(("top_doc", "top_position", "top_token"), aux):
-        fields[name] = (
-            torch.full((g.numel(),), -1, dtype=torch.int64)
-            if t is None
-            else t[g.to(t.device)].to(torch.int64).cpu()
-        )
+        if t is None:
+            fields[name] = torch.full((g.size,), -1, dtype=torch.int64)
+        elif t.device.type == "cpu":
+            fields[name] = torch.from_numpy(t.numpy()[g].astype(np.int64))
+        else:
+            fields[name] = t[torch.from_numpy(g).to(t.device)].to(torch.int64).cpu()
     return fields

@@ -17,6 +17,7 @@ import torch
 
 from actlab.errors import ActlabError
 from actlab.stats.binning import SymlogBinning
+from actlab.stats.kernel import block_pass, kernel_available
 
 # Rows per internal block are chosen so a block holds at most this many elements: it bounds the
 # temporaries whatever the batch size (one Chan merge per block).
@@ -103,15 +104,15 @@ def small_const(eps: float, dtype: torch.dtype) -> tuple[float, float] | None:
     return (eps_w * big, big)
 
 
-def _tile_pass(xb: torch.Tensor, ref: torch.Tensor, consts, binning: SymlogBinning, want_rowmax: bool):
+def _tile_pass(xb: torch.Tensor, consts, binning: SymlogBinning, want_rowmax: bool):
     """One pass over the block in cache-sized tiles; per-tile partial results go into small
     preallocated stacks, reduced once per block by the caller."""
     n, w = xb.shape
     dt = xb.dtype
     tr = max(1, min(n, _TILE_ELEMS // w))
     nt = -(-n // tr)
-    stacks = scratch.get("stacks", dt, (6 * nt, w))
-    s1_t, s2_t, max_t, min_t, nz_t, sc_t = stacks.view(6, nt, w).unbind(0)
+    stacks = scratch.get("stacks", dt, (7 * nt, w))
+    mu_t, s1_t, s2_t, max_t, min_t, nz_t, sc_t = stacks.view(7, nt, w).unbind(0)
     small_tok, rowmax = scratch.get("rows", dt, (2, n)).unbind(0)
     buf = scratch.get("a", dt, (tr, w))
     abuf = scratch.get("b", dt, (tr, w))
@@ -123,7 +124,10 @@ def _tile_pass(xb: torch.Tensor, ref: torch.Tensor, consts, binning: SymlogBinni
         xt = xb[r0 : r0 + tr]
         m = xt.shape[0]
         bt, at = buf[:m], abuf[:m]
-        torch.sub(xt, ref, out=bt)
+        # the tile's own mean is the shift: the best one, and a function of the tile alone, so a block's
+        # statistics never depend on what came before it (shards and ranks fold bit-identical blocks)
+        torch.sum(xt, 0, out=mu_t[i]).div_(m)
+        torch.sub(xt, mu_t[i], out=bt)
         torch.sum(bt, 0, out=s1_t[i])
         bt.mul_(bt)
         torch.sum(bt, 0, out=s2_t[i])
@@ -141,32 +145,32 @@ def _tile_pass(xb: torch.Tensor, ref: torch.Tensor, consts, binning: SymlogBinni
         # histogram keys: sign, exponent and top mantissa bits of each value
         key = torch.bitwise_right_shift(xt.view(int_dt), shift, out=bt.view(int_dt)).view(-1)
         raw += torch.bincount(key.add_(half), minlength=n_raw)
-    return (s1_t, s2_t, max_t, min_t, nz_t, sc_t), small_tok, rowmax, raw
+    return (mu_t, s1_t, s2_t, max_t, min_t, nz_t, sc_t), small_tok, rowmax, raw, tr
 
 
-def fast_block(xb: torch.Tensor, running_mean: torch.Tensor | None, eps: float, binning: SymlogBinning,
-               want_rowmax: bool) -> BlockStats | None:
+def fast_block(xb: torch.Tensor, eps: float, binning: SymlogBinning, want_rowmax: bool) -> BlockStats | None:
     """All-finite fast path; None if the block holds NaN/inf (or values whose squares overflow).
 
-    Shifted sums: d = x - ref with ref the running mean (or the block's own mean for the first
-    block), so a large common offset cannot cancel catastrophically. Each tile is summed in the
-    input precision; tiles and blocks are combined in float64.
+    Shifted sums per tile: d = x - m_t with m_t the tile's own mean, so a large common offset cannot
+    cancel catastrophically. Each tile is summed in the input precision; the tiles' (mean, M2) are
+    combined in float64 (the exact pooled formula). Nothing depends on earlier blocks.
     """
     n, w = xb.shape
-    dt = xb.dtype
-    if running_mean is not None:
-        ref = running_mean.to(dt)
-    else:
-        ref = xb.sum(0).div_(n)
-        if not bool(torch.isfinite(ref).all()):
-            return None
-    consts = small_const(eps, dt)
-    (s1_t, s2_t, max_t, min_t, nz_t, sc_t), small_tok, rowmax, raw = _tile_pass(xb, ref, consts, binning, want_rowmax)
+    if xb.dtype == torch.float32 and kernel_available():
+        return _kernel_block(xb, eps, binning, want_rowmax)
+    consts = small_const(eps, xb.dtype)
+    (mu_t, s1_t, s2_t, max_t, min_t, nz_t, sc_t), small_tok, rowmax, raw, tr = _tile_pass(
+        xb, consts, binning, want_rowmax)
     f64 = torch.float64
-    s2 = s2_t.sum(0, dtype=f64)
-    if not bool(torch.isfinite(s2).all()):
+    nt = mu_t.shape[0]
+    m = torch.full((nt, 1), float(tr), dtype=f64)
+    m[-1] = n - tr * (nt - 1)
+    s1, s2 = s1_t.to(f64), s2_t.to(f64)
+    if not bool(torch.isfinite(s2).all() and torch.isfinite(mu_t).all()):
         return None
-    s1 = s1_t.sum(0, dtype=f64)
+    tile_mean = mu_t.to(f64) + s1 / m
+    mean = (tile_mean * m).sum(0) / n
+    m2 = (s2 - s1 * s1 / m).clamp_(min=0.0).sum(0) + ((tile_mean - mean) ** 2 * m).sum(0)
     bmax = max_t.amax(0).to(f64)
     bmin = min_t.amin(0).to(f64)
     if consts is None:
@@ -176,11 +180,26 @@ def fast_block(xb: torch.Tensor, running_mean: torch.Tensor | None, eps: float, 
         small_ch = sc_t.sum(0, dtype=f64).to(torch.int64)
         small_tok = small_tok.to(torch.int64)
     return BlockStats(
-        n=n, n_finite=n, mean=ref.to(f64) + s1 / n, m2=(s2 - s1 * s1 / n).clamp_(min=0.0),
+        n=n, n_finite=n, mean=mean, m2=m2,
         max=bmax, min=bmin, absmax=torch.maximum(bmax.abs(), bmin.abs()),
         zeros=n - nz_t.sum(0, dtype=f64).to(torch.int64), small=small_ch, active=n - small_ch,
-        nonfinite=None, hist=binning.fold(raw, dt), small_per_row=small_tok,
+        nonfinite=None, hist=binning.fold(raw, xb.dtype), small_per_row=small_tok,
         values=xb, rowmax=rowmax if want_rowmax else None,
+    )
+
+
+def _kernel_block(xb: torch.Tensor, eps: float, binning: SymlogBinning, want_rowmax: bool) -> BlockStats | None:
+    """The compiled single pass (``stats.kernel``): the same counts, extrema and keys, float64 sums."""
+    shift, half, n_raw = binning.raw_shift(xb.dtype)
+    k = block_pass(xb, float(torch.tensor(eps, dtype=torch.float32)), shift, half, n_raw)
+    if k is None:
+        return None  # NaN / inf in the block: the exact path
+    n = xb.shape[0]
+    bmax, bmin = k["max"].to(torch.float64), k["min"].to(torch.float64)
+    return BlockStats(
+        n=n, n_finite=n, mean=k["mean"], m2=k["m2"], max=bmax, min=bmin, absmax=torch.maximum(bmax.abs(), bmin.abs()),
+        zeros=k["zeros"], small=k["small"], active=n - k["small"], nonfinite=None, hist=binning.fold(k["raw"], xb.dtype),
+        small_per_row=k["small_row"], values=xb, rowmax=k["rowmax"] if want_rowmax else None,
     )
 
 

@@ -1,13 +1,20 @@
-"""File-level helpers for the store: temp names, checksums, durable JSON, the directory lock."""
+"""File-level helpers for the store: temp names, checksums, durable JSON and tensors, the directory lock.
+
+Each helper takes a ``pathlib.Path`` (the local disk: fsync, rename, flock) or an ``FsPath`` (an
+fsspec URL: the object written whole under a temp name, then moved; no lock), see store/remote.py.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import mmap
 import os
 from pathlib import Path
 
 from actlab.errors import ActlabError
-from actlab.files import write_json
+from actlab.files import open_tensors, save_tensors, to_jsonable, write_json
+from actlab.store.remote import FsPath, RemoteTensors
 
 TMP_SUFFIX = ".tmp"
 _CHUNK = 1 << 20
@@ -36,17 +43,51 @@ def confined(directory: Path, name: str) -> Path:
     return path
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+def _sha256_written(path: Path) -> str:
+    """sha256 of a file this process just wrote, hashed straight from the page cache (mmap, no copy).
+    Only for our own files: a mapped file that someone truncates meanwhile would be a SIGBUS, so files
+    of a store being checked are read in chunks (``sha256_file``)."""
     with open(path, "rb") as f:
+        if not os.fstat(f.fileno()).st_size:
+            return hashlib.sha256(b"").hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            return hashlib.sha256(view).hexdigest()
+
+
+def sha256_file(path: Path | FsPath) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: Path | FsPath, data: dict) -> None:
     """The store's JSON files (manifest, shard markers): hidden temp name, fsync, rename."""
+    if isinstance(path, FsPath):  # the same bytes as write_json's
+        path.write_atomic((json.dumps(to_jsonable(data), indent=2) + "\n").encode("utf-8"), tmp_path_for(path))
+        return
     write_json(path, data, tmp=tmp_path_for(path), durable=True)
+
+
+def write_tensors(path: Path | FsPath, tensors: dict, metadata: dict[str, str]) -> tuple[int, str]:
+    """A safetensors file written atomically (and durably on the local disk); returns (bytes, sha256).
+
+    Elsewhere the file is serialised in memory (safetensors' own ``save``, the same bytes as
+    ``save_file``) and hashed from those bytes, so it is read back from nowhere."""
+    if isinstance(path, FsPath):
+        from safetensors.torch import save
+
+        data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+        path.write_atomic(data, tmp_path_for(path))
+        return len(data), hashlib.sha256(data).hexdigest()
+    save_tensors(path, tensors, None, metadata, tmp=tmp_path_for(path), durable=True)
+    return path.stat().st_size, _sha256_written(path)
+
+
+def open_shard(path: Path | FsPath):
+    """A lazy safetensors handle (``keys``, ``metadata``, ``get_slice``, ``get_tensor``), local or remote."""
+    return RemoteTensors(path) if isinstance(path, FsPath) else open_tensors(path)
 
 
 class DirLock:
@@ -57,12 +98,14 @@ class DirLock:
     resume. On systems without fcntl it does nothing.
     """
 
-    def __init__(self, directory: Path, *, shared: bool = False):
+    def __init__(self, directory: Path | FsPath, *, shared: bool = False):
         self.directory = directory
         self.shared = shared
         self._fd: int | None = None
 
     def __enter__(self) -> "DirLock":
+        if isinstance(self.directory, FsPath):  # fsspec backends have no locks: see docs/store.md
+            return self
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows

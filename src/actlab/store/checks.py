@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 
 from actlab.errors import ActlabError
-from actlab.files import brief, open_tensors
-from actlab.store._files import confined, sha256_file
+from actlab.files import brief
+from actlab.store._files import confined, open_shard, sha256_file
 from actlab.store.manifest import FORMAT_NAME, INDEX_KEYS
 
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -86,7 +86,7 @@ def shard_problems(directory: Path, manifest: dict, entry: dict, *, checksums: b
                 "the file is corrupted or was modified"
             )
     try:
-        with open_tensors(path) as f:
+        with open_shard(path) as f:
             problems += _tensor_problems(name, f, manifest, entry["n_tokens"]) + _header_problems(name, f, manifest, entry)
     except Exception as e:  # safetensors raises its own error types for broken headers
         problems.append(f"{name}: unreadable ({' '.join(str(e).split())[:160]})")

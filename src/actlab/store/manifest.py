@@ -9,6 +9,7 @@ import torch
 
 from actlab.errors import ActlabError
 from actlab.store._files import confined
+from actlab.store.remote import as_path
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "actlab-store"
@@ -71,7 +72,7 @@ def load_manifest(directory: str | Path) -> dict:
     with the reason when it is not usable. ``read_manifest`` checks the shard list too."""
     from actlab.store.schema import header_problem  # it uses this module's names
 
-    directory = Path(directory)
+    directory = as_path(directory)
     if not directory.is_dir():
         raise ActlabError(f"no activation store at {directory}: the directory does not exist")
     path = confined(directory, MANIFEST_NAME)
@@ -111,5 +112,5 @@ def read_manifest(directory: str | Path) -> dict:
     manifest = load_manifest(directory)
     problem = shards_problem(manifest)
     if problem:
-        raise ActlabError(f"{Path(directory) / MANIFEST_NAME} is damaged: {problem}; {repair_hint(directory)}")
+        raise ActlabError(f"{as_path(directory) / MANIFEST_NAME} is damaged: {problem}; {repair_hint(directory)}")
     return manifest

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from actlab.errors import ActlabError
-from actlab.files import open_tensors
 from actlab.models.model import same_model
+from actlab.store._files import open_shard
 from actlab.store.checks import shard_problems
+from actlab.store.remote import FsPath, as_path
 from actlab.store.manifest import INDEX_KEYS, MANIFEST_NAME, positions_from_json, read_manifest, repair_hint, torch_dtype
 
 if TYPE_CHECKING:
@@ -59,8 +60,8 @@ class Store:
     tokens of the shards finished so far.
     """
 
-    def __init__(self, path: str | os.PathLike, *, cache_size: int = 4):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike | FsPath, *, cache_size: int = 4):
+        self.path = as_path(path)
         self.manifest = read_manifest(self.path)  # every field checked: see store.schema
         self.cache_size = max(0, int(cache_size))
         self._cache: OrderedDict[tuple[int, str], torch.Tensor] = OrderedDict()
@@ -127,7 +128,7 @@ class Store:
             raise ActlabError(f"'{key}' is not in this store; it holds: {', '.join(self.keys())}")
 
     # ------------------------------------------------------------- shards
-    def shard_paths(self) -> list[Path]:
+    def shard_paths(self) -> list[Path | FsPath]:
         return [self.path / e["file"] for e in self._shards]
 
     def check_shard(self, k: int) -> None:
@@ -149,7 +150,7 @@ class Store:
         self.check_shard(k)
         path = self.path / self._shards[k]["file"]
         try:
-            return open_tensors(path)
+            return open_shard(path)
         except Exception as e:
             raise ActlabError(f"cannot read {path} ({e}); run `actlab store verify {self.path}`") from None
 

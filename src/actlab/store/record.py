@@ -9,10 +9,15 @@ composition of the three, so a store it writes is byte-identical to one assemble
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Sequence
 
+from actlab.dist.coord import Coordinator
+from actlab.dist.env import Rank
+from actlab.dist.env import current as dist_current
 from actlab.engine.progress import progress_bar
 from actlab.errors import ActlabError
 from actlab.store._files import DirLock
@@ -29,7 +34,8 @@ from actlab.store.directory import (
 from actlab.store.manifest import MANIFEST_NAME, read_manifest
 from actlab.store.plan import DEFAULT_SHARD_BYTES, RecordConfig, RecordPlan, make_plan, resolve_sites
 from actlab.store.reader import Store
-from actlab.store.shard_writer import record_shard
+from actlab.store.remote import FsPath, as_path
+from actlab.store.shard_writer import ShardPipeline, record_shard
 
 Docs = Sequence[str] | Sequence[Sequence[int]]  # texts, or token-id lists
 
@@ -51,8 +57,8 @@ def _prepare(model, docs, sites, config: RecordConfig | None, overrides: dict):
     return docs, site_names, store_dtype, config
 
 
-def _open_dir(out_dir: str | os.PathLike) -> Path:
-    out = Path(out_dir)
+def _open_dir(out_dir: str | os.PathLike) -> Path | FsPath:
+    out = as_path(out_dir)
     if out.exists() and not out.is_dir():
         raise ActlabError(f"{out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
@@ -103,6 +109,71 @@ def _manifest_of(out: Path, plan_sha256: str | None) -> dict:
     return manifest
 
 
+def _write_share(plan: RecordPlan, indices: list[int], done: dict[int, dict], batch_size: int, progress: bool,
+                 manifest: dict | None) -> None:
+    """Record shards ``indices`` in turn, each one's forward overlapping the previous one's write.
+
+    Without ``manifest`` (one of several writers) each shard is marked done by its marker. With it (a
+    sole writer, holding the lock exclusively) shards are listed in the manifest as they are written:
+    each one at once while the store is small, later in groups, rewriting the manifest once the
+    shards marked but not listed reach an eighth of the listed ones, so the rewrites add up to a few
+    times the final manifest (not its size times the number of shards); ``_finalise`` lists the rest."""
+    state = {"manifest": manifest}
+    pending: list[int] = []  # marked, not listed yet
+
+    def mark() -> bool:
+        return manifest is None or len(pending) + 1 < max(1, (len(done) - len(pending)) // 8)
+
+    def written(entry: dict, marked: bool) -> None:
+        if manifest is None:
+            return
+        done[entry["index"]] = entry
+        if marked:
+            pending.append(entry["index"])
+            return
+        state["manifest"] = sync_manifest(plan.out, plan.header, done, plan.n_shards, state["manifest"])
+        for index in [*pending, entry["index"]]:  # listed now (and any marker an earlier distributed run left)
+            remove_markers(plan.out, index)
+        pending.clear()
+
+    before = sum(e["n_tokens"] for e in done.values())
+    description = "recording" if not done else f"resuming ({len(done)}/{plan.n_shards} shards done)"
+    total = before + sum(plan.shards[i].n_tokens for i in indices)
+    with progress_bar(description, total, enabled=progress and bool(indices)) as bar, \
+            ShardPipeline(plan, batch_size, written, mark) as pipeline:
+        bar.advance(before)
+        for i in indices:
+            pipeline.submit(plan.shards[i], bar.advance)
+
+
+def _claim_together(co: Coordinator, args: tuple) -> tuple[RecordPlan, list[int]]:
+    """Rank 0 claims the directory; then every rank plans the same store and gets the shards still to do.
+
+    The others plan after the claim (so they read the manifest rank 0 wrote, as a resume does) and the
+    ranks compare their manifest headers: a rank with another model, documents or arguments stops them all."""
+    model, docs, site_names, store_dtype, out, config, overwrite = args
+    plan = claimed = None
+    if co.rank.is_main:
+        try:
+            with DirLock(out):
+                plan, _, done = _claim(*args)
+            claimed = ("ok", [s.index for s in plan.shards if s.index not in done])
+        except ActlabError as e:
+            claimed = ("error", str(e))
+    claimed = co.broadcast(claimed, "rank 0 claimed the store directory")
+    if claimed[0] == "error":
+        raise ActlabError(claimed[1])
+    if plan is None:
+        plan = make_plan(model, docs, site_names, store_dtype, out, config, read_manifest(out))
+    mine = hashlib.sha256(json.dumps(plan.header, sort_keys=True).encode()).hexdigest()
+    headers = co.gather(mine, "the ranks compared their plans")
+    if len(set(headers)) > 1:
+        odd = [r for r, h in enumerate(headers) if h != headers[0]]
+        raise ActlabError(f"ranks {', '.join(map(str, odd))} planned another store than rank 0 (model, documents, sites "
+                          "or arguments differ): every rank must make the same record call")
+    return plan, claimed[1]
+
+
 # ------------------------------------------------------------------ public API
 def plan_record(model, docs: Docs, sites: str | Sequence[str], out_dir: str | os.PathLike,
                 config: RecordConfig | None = None, *, overwrite: bool = False, claim: bool = True,
@@ -117,7 +188,7 @@ def plan_record(model, docs: Docs, sites: str | Sequence[str], out_dir: str | os
     if not claim:
         if overwrite:
             raise ActlabError("overwrite=True replaces the store, which only the claiming call may do: pass claim=True")
-        out = Path(out_dir)
+        out = as_path(out_dir)
         old = read_manifest(out) if (out / MANIFEST_NAME).is_file() else None
         plan = make_plan(model, docs, site_names, store_dtype, out, config, old)
         if old is not None:
@@ -157,7 +228,7 @@ def finalise_record(plan: RecordPlan | str | os.PathLike) -> Store:
     Takes the plan, or just the store directory. ActlabError, changing nothing, while shards are
     missing.
     """
-    out, sha = (plan.out, plan.plan_sha256) if isinstance(plan, RecordPlan) else (Path(plan), None)
+    out, sha = (plan.out, plan.plan_sha256) if isinstance(plan, RecordPlan) else (as_path(plan), None)
     _manifest_of(out, sha)
     with DirLock(out):
         _finalise(out, sha)
@@ -166,7 +237,7 @@ def finalise_record(plan: RecordPlan | str | os.PathLike) -> Store:
 
 def record(model, docs: Docs, sites: str | Sequence[str], out_dir: str | os.PathLike,
            config: RecordConfig | None = None, *, batch_size: int = 8, progress: bool = False,
-           overwrite: bool = False, **overrides) -> Store:
+           overwrite: bool = False, distributed: bool = False, **overrides) -> Store:
     """Record the activations of ``sites`` over ``docs`` into a sharded store at ``out_dir``.
 
     Rows (documents split at ``max_length``) are cut into shards of about ``shard_tokens`` stored
@@ -174,23 +245,38 @@ def record(model, docs: Docs, sites: str | Sequence[str], out_dir: str | os.Path
     in ``manifest.json``. Running the same call again after an interruption skips the shards
     already written and ends with the same files as an uninterrupted run. A directory holding a
     store recorded differently (model, sites, dtype, positions, data, plan parameters) is refused
-    unless ``overwrite=True``. Returns the finished ``Store``.
+    unless ``overwrite=True``. Returns the finished ``Store``. ``out_dir`` may be an fsspec URL
+    (``memory://...``, ``s3://...``; see docs/store.md for what each backend guarantees).
+
+    ``distributed=True``: every rank of the live ``torch.distributed`` group makes the same call;
+    rank 0 claims the directory, each rank writes its share of the shards still to do, and rank 0
+    finalises once all have finished (``actlab.dist.init()`` joins the group torchrun describes; a
+    world of one is exactly the single-process run). The files are byte-identical to ``record``'s.
 
     The store's parameters are a ``RecordConfig`` (``config=``) and/or its fields as keywords:
     ``positions``, ``shard_tokens``, ``max_tokens``, ``dtype``, ``max_length``, ``long_docs``.
     """
     _check_batch_size(batch_size)
     docs, site_names, store_dtype, config = _prepare(model, docs, sites, config, overrides)
+    rank = dist_current() if distributed else Rank()
     out = _open_dir(out_dir)
-    with DirLock(out):
-        plan, manifest, done = _claim(model, docs, site_names, store_dtype, out, config, overwrite)
-        todo = [s for s in plan.shards if s.index not in done]
-        description = "recording" if not done else f"resuming ({len(done)}/{plan.n_shards} shards done)"
-        with progress_bar(description, plan.n_tokens, enabled=progress and bool(todo)) as bar:
-            bar.advance(sum(e["n_tokens"] for e in done.values()))
-            for shard in todo:
-                done[shard.index] = record_shard(plan, shard, batch_size, bar.advance)
-                manifest = sync_manifest(out, plan.header, done, plan.n_shards, manifest)
-                remove_markers(out, shard.index)  # listed now: the directory looks as it always did
-        _finalise(out, plan.plan_sha256)
+    with Coordinator(rank) as co:
+        args = (model, docs, site_names, store_dtype, out, config, overwrite)
+        if rank.world_size == 1:  # one writer: the exclusive lock throughout, each shard listed as it is done
+            with DirLock(out):
+                plan, manifest, done = _claim(*args)
+                todo = [s.index for s in plan.shards if s.index not in done]
+                _write_share(plan, todo, done, batch_size, progress, manifest)
+                _finalise(out, plan.plan_sha256)
+            return Store(out)
+        plan, todo = _claim_together(co, args)
+        mine = todo[rank.rank :: rank.world_size]
+        with DirLock(out, shared=True):
+            _write_share(plan, mine, {}, batch_size, progress and rank.is_main, None)
+        co.barrier(f"the others recorded their shards (this rank's {len(mine)} shards are written; rerun the "
+                   "same command, with any number of ranks, to record the rest and finalise the store)")
+        if rank.is_main:
+            with DirLock(out):
+                _finalise(out, plan.plan_sha256)
+        co.barrier("rank 0 finalised the store (rerun the same command to finalise it)")
     return Store(out)

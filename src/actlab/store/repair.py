@@ -22,6 +22,7 @@ from actlab.store._files import DirLock
 from actlab.store.checks import shard_problems
 from actlab.store.directory import MARKER_RE, header_of, read_marker, sync_manifest
 from actlab.store.manifest import load_manifest, marker_name, shard_name
+from actlab.store.remote import as_path
 from actlab.store.schema import entry_problem, is_int, listing_problem, show
 
 
@@ -84,7 +85,7 @@ def repair_store(path: str | os.PathLike) -> list[str]:
     """Drop every damaged shard of the store at ``path`` (see the module's docstring); returns one line
     per shard dropped (what was wrong), [] when there was nothing to repair. Run the same record
     command afterwards to re-record the dropped shards."""
-    out = Path(path)
+    out = as_path(path)
     load_manifest(out)  # a damaged header: ActlabError before the lock, nothing touched
     with DirLock(out):
         manifest = load_manifest(out)
