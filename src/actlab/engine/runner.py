@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from actlab.engine.memory import retain_freed_memory
 from actlab.engine.batch import Sink, TokenBatch
 from actlab.engine.batching import (
     LongDocs,
@@ -152,10 +153,14 @@ class _Reader:
         self.sites = sites
         self.opts = opts
         self.sel: torch.Tensor | None = None
+        self.every_token = False  # sel is all true (no padding, every position): rows are the flattened batch
         self.collected: dict[str, torch.Tensor] = {}
 
     def __call__(self, site: str, h: torch.Tensor, state: ForwardState) -> None:
-        taken = h[self.sel.to(h.device)]
+        if self.every_token:  # a contiguous copy is ~2x cheaper than indexing by an all-true mask
+            taken = h.reshape(-1, h.shape[-1]).clone()
+        else:
+            taken = h[self.sel.to(h.device)]
         if not self.opts.grad:
             taken = taken.detach()
         if self.opts.device is not None:  # indexing by a tensor already copied: no second copy on the same device
@@ -187,6 +192,7 @@ def _forward(model, reader: _Reader, rows: list[Row]) -> tuple[TokenBatch, int]:
             raise ActlabError(f"select returned a mask of shape {tuple(sel.shape)}; it must be [rows, width] = "
                               f"{tuple(ids.shape)}")
     reader.sel = sel.to(torch.bool) & mask.bool()  # padding never reaches the sinks
+    reader.every_token = bool(reader.sel.all())
     reader.collected = {}
     try:
         model.hf(**model.forward_inputs(ids, mask))
@@ -215,6 +221,7 @@ def run(
     pay for the rest of the model. Any edits active on the model apply.
     """
     opts = RunOptions.with_overrides(options, overrides)
+    retain_freed_memory()  # batch after batch of fresh activations: reuse freed pages (engine/memory.py)
     sink_list = check_sinks(sinks)
     site_names = model.resolve(sites)
     if rows is None and docs is None:
