@@ -20,18 +20,11 @@ dense torch with the same zeros, which gives the same numbers up to summation or
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-import threading
-import warnings
-from pathlib import Path
 
 import torch
 
 from actlab.errors import ActlabError
+from actlab.native import CKernel
 
 __all__ = ["kernel_available", "sparse_matvec", "input_major", "kept_fraction"]
 
@@ -99,78 +92,24 @@ int64_t actlab_sparse_matvec(const float *x, const float *wt, const float *thr, 
 }
 """
 
-_LOCK = threading.Lock()
-_STATE: dict = {}  # "lib": the loaded library, or "error": why it could not be built
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 TILE = 2048  # output columns per tile: 8 KiB of y, eight 8 KiB row segments per pass
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("ACTLAB_CACHE") or os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "actlab" / "kernels"
-
-
-def _cpu() -> str:
-    """What ``-march=native`` depends on: a library built for another CPU (a shared home folder) is not reused."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
-    except OSError:
-        import platform
-
-        return platform.machine() + platform.processor()
-
-
-def _build() -> ctypes.CDLL:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc / gcc) on PATH")
-    key = hashlib.sha256((_SOURCE + " ".join(_FLAGS) + compiler + _cpu()).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"sparse_matvec_{key}.so"
-    if not target.is_file():
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError:  # a read-only home: build in the temp folder instead
-            target = Path(tempfile.gettempdir()) / f"actlab-kernels-{getattr(os, 'getuid', lambda: 0)()}" / target.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            src, out = Path(tmp) / "k.c", Path(tmp) / "k.so"
-            src.write_text(_SOURCE)
-            done = subprocess.run([compiler, *_FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"{compiler} failed: {done.stderr.strip().splitlines()[-1:]}")
-            os.replace(out, target)
-    lib = ctypes.CDLL(str(target))
-    fn = lib.actlab_sparse_matvec
-    fn.restype = ctypes.c_int64
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
-    return lib
-
-
-def _library() -> ctypes.CDLL | None:
-    with _LOCK:
-        if "lib" not in _STATE and "error" not in _STATE:
-            if os.environ.get("ACTLAB_SPARSE_KERNEL", "").lower() in ("0", "off", "no", "false"):
-                _STATE["error"] = "ACTLAB_SPARSE_KERNEL=off"
-            else:
-                try:
-                    _STATE["lib"] = _build()
-                except Exception as exc:  # any build or load failure means: use the fallback
-                    _STATE["error"] = str(exc) or type(exc).__name__
-            if "error" in _STATE:
-                warnings.warn(f"actlab.sparse: the compiled sparse kernel is unavailable ({_STATE['error']}); "
-                              "using dense torch with the same zeros", RuntimeWarning, stacklevel=3)
-        return _STATE.get("lib")
+_KERNEL = CKernel(
+    "sparse_matvec", _SOURCE, _FLAGS, "actlab_sparse_matvec", ctypes.c_int64,
+    [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2,
+    env_switch="ACTLAB_SPARSE_KERNEL", warn_when_off=True,
+    warning="actlab.sparse: the compiled sparse kernel is unavailable ({reason}); using dense torch with the same zeros")
+_library = _KERNEL.library
 
 
 def kernel_available() -> bool:
     """True when the compiled kernel is built and loaded (builds it on first call; warns once if it cannot)."""
-    return _library() is not None
+    return _KERNEL.available()
 
 
 def _reset_for_tests() -> None:
-    with _LOCK:
-        _STATE.clear()
+    _KERNEL.reset()
+
 
 
 def input_major(weight: torch.Tensor) -> torch.Tensor:

@@ -16,16 +16,11 @@ Plain C compiled on first use with the system compiler into a per-user cache and
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
-import warnings
-from pathlib import Path
 
 import torch
+
+from actlab.native import CKernel
 
 __all__ = ["block_pass", "kernel_available"]
 
@@ -104,76 +99,23 @@ int actlab_stats_block(const float *restrict x, int64_t n, int64_t w, int64_t tr
 }
 """
 
-_LOCK = threading.Lock()
-_STATE: dict = {}
 _FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c11", "-fno-math-errno", "-fno-trapping-math", "-ffinite-math-only")
 _TILE_ELEMS = 1 << 15  # 128 KiB of float32 per tile: stays in L2 between the two passes
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("ACTLAB_CACHE") or os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "actlab" / "kernels"
-
-
-def _cpu() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
-    except OSError:
-        import platform
-
-        return platform.machine() + platform.processor()
-
-
-def _build() -> ctypes.CDLL:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc / gcc) on PATH")
-    key = hashlib.sha256((_SOURCE + " ".join(_FLAGS) + compiler + _cpu()).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"stats_block_{key}.so"
-    if not target.is_file():
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            target = Path(tempfile.gettempdir()) / f"actlab-kernels-{getattr(os, 'getuid', lambda: 0)()}" / target.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            src, out = Path(tmp) / "k.c", Path(tmp) / "k.so"
-            src.write_text(_SOURCE)
-            done = subprocess.run([compiler, *_FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"{compiler} failed: {done.stderr.strip().splitlines()[-1:]}")
-            os.replace(out, target)
-    lib = ctypes.CDLL(str(target))
-    fn = lib.actlab_stats_block
-    fn.restype = ctypes.c_int
-    fn.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_float] + [ctypes.c_int32] * 2
-                   + [ctypes.c_void_p] * 11)
-    return lib
-
-
-def _library() -> ctypes.CDLL | None:
-    with _LOCK:
-        if "lib" not in _STATE and "error" not in _STATE:
-            if os.environ.get("ACTLAB_STATS_KERNEL", "").lower() in ("0", "off", "no", "false"):
-                _STATE["error"] = "off"
-            else:
-                try:
-                    _STATE["lib"] = _build()
-                except Exception as exc:  # any build or load failure: the torch path
-                    _STATE["error"] = str(exc) or type(exc).__name__
-                    warnings.warn(f"actlab.stats: the compiled statistics pass is unavailable ({_STATE['error']}); "
-                                  "using the torch path (same results, slower)", RuntimeWarning, stacklevel=3)
-        return _STATE.get("lib")
+_KERNEL = CKernel(
+    "stats_block", _SOURCE, _FLAGS, "actlab_stats_block", ctypes.c_int,
+    [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_float] + [ctypes.c_int32] * 2 + [ctypes.c_void_p] * 11,
+    env_switch="ACTLAB_STATS_KERNEL",
+    warning="actlab.stats: the compiled statistics pass is unavailable ({reason}); using the torch path (same results, slower)")
+_library = _KERNEL.library
 
 
 def kernel_available() -> bool:
-    return _library() is not None
+    return _KERNEL.available()
 
 
 def _reset_for_tests() -> None:
-    with _LOCK:
-        _STATE.clear()
+    _KERNEL.reset()
+
 
 
 class _Buffers(threading.local):
