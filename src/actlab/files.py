@@ -202,6 +202,13 @@ class HeaderFields:
             raise self.damaged(f"its header has no '{key}' field")
         return self.metadata[key]
 
+    def number(self, key: str, kind: type = float, default: str | Any = _REQUIRED) -> int | float:
+        """A plain-text numeric field (``kind`` int or float), parsed; ``default`` is the text used when it is absent."""
+        try:
+            return kind(self.text(key, default))
+        except ValueError:
+            raise self.damaged(f"its {key} is not {'an integer' if kind is int else 'a number'}") from None
+
     def json(self, key: str, types: type | tuple[type, ...], default: Any = _REQUIRED) -> Any:
         """A header field that holds JSON, parsed and of one of ``types``."""
         raw = self.text(key, default=None if default is not _REQUIRED else _REQUIRED)

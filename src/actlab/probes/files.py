@@ -51,10 +51,7 @@ def load_probe(path: str | Path, model=None) -> tuple[LinearProbe, dict]:
     made_for = fields.json("model", dict)
     classes = fields.json("classes", list)
     site, method = fields.text("site"), fields.text("method")
-    try:
-        width = int(fields.text("width"))
-    except ValueError:
-        raise fields.damaged("its width is not an integer") from None
+    width = fields.number("width", int)
     if len(classes) < 2 or not all(isinstance(c, str) for c in classes) or not _shapes_ok(tensors, len(classes), width):
         raise fields.damaged("its tensors do not match its classes and width")
     if model is not None:

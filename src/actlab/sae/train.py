@@ -185,10 +185,7 @@ def _load_checkpoint(path: Path, run: _Run, config: SAETrainConfig) -> None:
     since = tensors.get("since_fired")
     if since is None or since.shape != run.since_fired.shape:
         raise fields.damaged("tensor 'since_fired' is missing or of the wrong shape")
-    try:
-        run.step, run.adam.t = int(fields.text("step")), int(fields.text("adam_t"))
-    except ValueError:
-        raise fields.damaged("its step or adam_t is not an integer") from None
+    run.step, run.adam.t = fields.number("step", int), fields.number("adam_t", int)
     run.since_fired, run.history = since, fields.json("history", list)
 
 

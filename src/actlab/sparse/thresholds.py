@@ -82,10 +82,7 @@ def load_thresholds(path: str | Path, model=None) -> Thresholds:
     fields = HeaderFields(path, "sparse thresholds", meta, _HINT)
     made_for = fields.json("model", dict)
     method, rule = fields.text("method"), fields.text("rule")
-    try:
-        sparsity = float(fields.text("sparsity"))
-    except ValueError:
-        raise fields.damaged("its sparsity is not a number") from None
+    sparsity = fields.number("sparsity", float)
     ok_names = all(k.startswith(_NAMES) and k.rsplit(".", 1)[1].isdigit() for k in tensors)
     if method not in METHODS or rule not in ("hidden", "gate") or not ok_names or not all(
             t.ndim == 1 and t.dtype == torch.float32 and not bool(torch.isnan(t).any()) for t in tensors.values()):

@@ -154,10 +154,7 @@ class ConverterSet:
         for d in layer_map:
             for direction in tables:
                 tables[direction][d] = _load_map(fields, tensors, fits, f"{direction}.{d}")
-        try:
-            fit_seconds = float(fields.text("fit_seconds", "0"))
-        except ValueError:
-            raise fields.damaged("its fit_seconds is not a number") from None
+        fit_seconds = fields.number("fit_seconds", float, "0")
         return cls(layer_map=layer_map, to_donor=tables["to_donor"], to_recipient=tables["to_recipient"],
                    donor=fields.json("donor", dict), recipient=fields.json("recipient", dict),
                    prompts_hash=fields.text("prompts_hash"), fit_seconds=fit_seconds)
