@@ -41,19 +41,22 @@ DATA_DIR = ROOT / "work-data" / "sae_bench"
 PEER_PYTHON = ROOT / ".bench-venv" / "bin" / "python"
 D_IN, ATOMS, N_LATENTS, K, BATCH, N_TRAIN, N_TEST, EPOCHS, NOISE = 256, 2048, 2048, 32, 4096, 262_144, 16_384, 4, 0.01
 STEPS = EPOCHS * N_TRAIN // BATCH  # 256
+SEED = 13  # the data's
 LIBRARIES = ("actlab", "sparsify", "saelens")
 
 
 # ------------------------------------------------------------------ the data
-def data_path(active: int = K) -> Path:
-    return DATA_DIR / f"planted-d{D_IN}-a{ATOMS}-k{active}.safetensors"
+def data_path(active: int = K, seed: int = SEED) -> Path:
+    tail = "" if seed == SEED else f"-s{seed}"
+    return DATA_DIR / f"planted-d{D_IN}-a{ATOMS}-k{active}{tail}.safetensors"
 
 
-def make_data(active: int = K) -> None:
-    """The set with ``active`` atoms per token (the spec's is K = 32, the SAE's k; fewer make it easier)."""
+def make_data(active: int = K, seed: int = SEED) -> None:
+    """The set with ``active`` atoms per token (the spec's is K = 32, the SAE's k; fewer make it easier);
+    ``seed`` draws the atoms and the tokens (13 is the benchmark's; another gives a tuning set)."""
     from safetensors.torch import save_file
 
-    g = torch.Generator().manual_seed(13)
+    g = torch.Generator().manual_seed(seed)
     atoms = torch.randn(ATOMS, D_IN, generator=g)
     atoms /= atoms.norm(dim=1, keepdim=True)
     parts = []
@@ -65,13 +68,13 @@ def make_data(active: int = K) -> None:
     x = torch.cat(parts)
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     save_file({"train": x[:N_TRAIN].contiguous(), "test": x[N_TRAIN:].contiguous(), "atoms": atoms},
-              str(data_path(active)))
+              str(data_path(active, seed)))
 
 
-def load_data(active: int = K) -> dict[str, torch.Tensor]:
+def load_data(active: int = K, seed: int = SEED) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(data_path(active)))
+    return load_file(str(data_path(active, seed)))
 
 
 def batches(train: torch.Tensor, steps: int):
@@ -103,10 +106,12 @@ def quality(encode_decode, w_dec: torch.Tensor, test: torch.Tensor, atoms: torch
 
 # ------------------------------------------------------------------ the three trainers
 # Each trains on data["train"] for ``steps`` steps and returns (encode_decode for ``quality``, decoder rows).
-def run_actlab(data: dict, steps: int):
+def run_actlab(data: dict, steps: int, options: dict | None = None):
+    """``options``: SAETrainConfig overrides (``--actlab-options``, for tuning; none: the defaults)."""
     from actlab.sae import train_sae
 
-    sae = train_sae(data["train"], D_IN, n_latents=N_LATENTS, k=K, batch_size=BATCH, steps=steps).sae
+    sae = train_sae(data["train"], D_IN, n_latents=N_LATENTS, k=K, batch_size=BATCH, steps=steps,
+                    **(options or {})).sae
 
     def encode_decode(chunk):
         recon, z = sae(chunk)
@@ -205,7 +210,7 @@ PREIMPORT = {"actlab": ["actlab.sae"], "saelens": ["sae_lens", "sae_lens.trainin
 RUNNERS = {"actlab": run_actlab, "sparsify": run_sparsify, "sparsify-adam": run_sparsify, "saelens": run_saelens}
 
 
-def worker(library: str, steps: int, evaluate: bool, active: int) -> None:
+def worker(library: str, steps: int, evaluate: bool, active: int, seed: int = SEED, options: str = "") -> None:
     """One training in this process: prints its CPU and wall seconds (training only) and, with ``evaluate``,
     its quality on the test set."""
     import importlib
@@ -213,8 +218,10 @@ def worker(library: str, steps: int, evaluate: bool, active: int) -> None:
     torch.set_num_threads(1)
     for module in PREIMPORT[library.split("-")[0]]:  # imports are not training: keep them off the clock
         importlib.import_module(module)
-    data = load_data(active)
+    data = load_data(active, seed)
     extra = {"optimizer": "adam"} if library == "sparsify-adam" else {}
+    if library == "actlab" and options:
+        extra = {"options": json.loads(options)}
     cpu, wall = time.process_time(), time.perf_counter()
     encode_decode, w_dec = RUNNERS[library](data, steps, **extra)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
@@ -223,7 +230,7 @@ def worker(library: str, steps: int, evaluate: bool, active: int) -> None:
 
 
 # ------------------------------------------------------------------ the driver
-def spawn(library: str, steps: int, evaluate: bool, active: int) -> dict:
+def spawn(library: str, steps: int, evaluate: bool, active: int, seed: int = SEED, options: str = "") -> dict:
     """Run ``worker`` in a fresh process (peers under .bench-venv); its RESULT, or {"error": why}."""
     import os
 
@@ -233,7 +240,7 @@ def spawn(library: str, steps: int, evaluate: bool, active: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
            "WANDB_MODE": "disabled"}
     command = [python, str(Path(__file__).resolve()), "--worker", library, "--steps", str(steps), "--active",
-               str(active)]
+               str(active), "--data-seed", str(seed), "--actlab-options", options]
     done = subprocess.run(command + (["--evaluate"] if evaluate else []), capture_output=True, text=True, env=env)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -277,28 +284,32 @@ def main() -> None:
     parser.add_argument("--libraries", default=",".join(LIBRARIES + ("sparsify-adam",)))
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--active", type=int, default=K, help="planted atoms per token (default %(default)s, the spec)")
+    parser.add_argument("--data-seed", type=int, default=SEED, help="the set's seed (default %(default)s; "
+                        "another one makes a tuning set)")
+    parser.add_argument("--actlab-options", default="", help="JSON SAETrainConfig overrides for actlab (tuning)")
     parser.add_argument("--worker", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=STEPS, help=argparse.SUPPRESS)
     parser.add_argument("--evaluate", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.steps, args.evaluate, args.active)
+        return worker(args.worker, args.steps, args.evaluate, args.active, args.data_seed, args.actlab_options)
     torch.set_num_threads(1)
-    if not data_path(args.active).exists():
-        make_data(args.active)
+    if not data_path(args.active, args.data_seed).exists():
+        make_data(args.active, args.data_seed)
     libraries = args.libraries.split(",")
     print(f"versions: {versions()}")
-    print(f"set: {N_TRAIN:,} train / {N_TEST:,} test tokens, d_in {D_IN}, {ATOMS} atoms, {args.active} a token; SAE {N_LATENTS} "
+    print(f"set (seed {args.data_seed}): {N_TRAIN:,} train / {N_TEST:,} test tokens, d_in {D_IN}, {ATOMS} atoms, {args.active} a token; SAE {N_LATENTS} "
           f"latents, k {K}, batch {BATCH}, {STEPS} steps; one thread", flush=True)
     full = {}
     if not args.skip_quality:
         for library in libraries:
-            full[library] = spawn(library, STEPS, True, args.active)
+            full[library] = spawn(library, STEPS, True, args.active, args.data_seed, args.actlab_options)
             print(f"  full run {library}: {full[library]}", flush=True)
     timed: dict[str, list[dict]] = {library: [] for library in libraries}
     for _ in range(args.repeats):  # round-robin
         for library in libraries:
-            timed[library].append(spawn(library, args.timing_steps, False, args.active))
+            timed[library].append(spawn(library, args.timing_steps, False, args.active, args.data_seed,
+                                        args.actlab_options))
     speed = {}
     print(f"\n{'library':<15}{'tok/CPU-s':>11}{'tok/wall-s':>12}{'full run tok/CPU-s':>20}{'test FVU':>10}"
           f"{'dead':>8}{'atoms':>8}{'L0':>7}")

@@ -220,3 +220,44 @@ def test_config_object_equals_keywords_and_is_saved(tmp_path, wide_llama):
     assert AdapterConfig.from_dict(load_interventions(path).params["config"]) == saved
     with pytest.raises(ActlabError, match="unknown AdapterConfig option"):
         train_adapter(wide_llama, data, "resid.1", stpes=3)
+
+
+def test_subspace_keeps_R_inside_the_data_principal_directions(wide_llama):
+    from actlab.interventions.adapter_train import principal_basis
+
+    data = pattern_pairs(40)
+    kind, examples = encode_lm_data(wide_llama, data)
+    P = principal_basis(wide_llama, "resid.1", examples, 8)
+    # the reference: SVD of the centred activations of every token but each example's first
+    rows = []
+    for p, t in examples:
+        with wide_llama.capture("resid.1") as cap:
+            wide_llama(torch.tensor([list(p) + list(t)]))
+        rows.append(cap["resid.1"][0, 1:])
+    x = torch.cat(rows).double()
+    _, _, vh = torch.linalg.svd(x - x.mean(0), full_matrices=False)
+    assert torch.allclose((P.double() @ vh[:8].T).abs().diagonal(), torch.ones(8, dtype=torch.float64), atol=1e-4)
+
+    adapter = train_adapter(wide_llama, data, "resid.1", rank=4, steps=60, lr=0.05, seed=0, subspace=8)
+    assert adapter.params["config"]["subspace"] == 8
+    assert adapter.params["val_loss"] < 0.5 * adapter.params["val_loss_before"]
+    assert torch.allclose(adapter.R @ adapter.R.T, torch.eye(4), atol=1e-5)
+    basis = principal_basis(wide_llama, "resid.1", [examples[i] for i in _train_order(len(examples))], 8)
+    inside = adapter.R @ basis.T @ basis  # projection of R's rows onto the training data's subspace
+    assert torch.allclose(inside, adapter.R, atol=1e-4)  # R moved, but never left the subspace
+    free = train_adapter(wide_llama, data, "resid.1", rank=4, steps=60, lr=0.05, seed=0)
+    assert (free.R @ basis.T @ basis - free.R).norm() > 0.5  # unconstrained R does leave it
+
+    with pytest.raises(ActlabError, match="at least the rank"):
+        train_adapter(wide_llama, data, "resid.1", rank=4, subspace=2)
+    with pytest.raises(ActlabError, match="more principal directions"):
+        train_adapter(wide_llama, [("ab", "cd")], "resid.1", rank=4, subspace=8, val_fraction=0.0)
+    with pytest.raises(ActlabError, match="width"):
+        train_adapter(wide_llama, data, "resid.1", rank=4, subspace=33)
+
+
+def _train_order(n: int, val_fraction: float = 0.2, seed: int = 0) -> list[int]:
+    """The indices train_adapter trains on (its seeded split)."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order[int(round(n * val_fraction)):]

@@ -117,3 +117,17 @@ def test_a_killed_rank_is_reported_and_a_rerun_with_one_rank_completes_the_store
     assert store.complete and store.verify() == []
     assert_same_store(reference, out)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+
+
+def _record_url(rank: int, url) -> None:
+    store = record(_model(), make_docs(), SITES, url, batch_size=BATCH, distributed=True, **PARAMS)
+    assert store.complete and str(store.path) == url
+
+
+@pytest.mark.slow
+def test_two_ranks_record_into_a_file_url(reference, tmp_path):
+    """An fsspec URL (file://, the one filesystem two processes here share) works as a plain path does."""
+    url = f"file://{tmp_path}/s"
+    run_ranks(_record_url, 2, url)
+    assert_same_store(reference, tmp_path / "s")  # every shard byte-identical, the manifest but for time stamps
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted(p.name for p in reference.iterdir())

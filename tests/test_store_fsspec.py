@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 import pytest
 import torch
 
@@ -131,3 +132,91 @@ def test_a_remote_shard_whose_header_lies_is_refused_before_it_is_read(reference
         store["resid.0"][offset]
     fs.pipe_file(name, (10**12).to_bytes(8, "little") + bytes(data[8:]))  # a header longer than the object
     assert "unreadable" in Store(url).verify(checksums=False)[0]
+
+
+class ListingCacheFS(LocalFileSystem):
+    """The local disk seen as object stores see it (s3fs, gcsfs, adlfs): a directory listing is cached and
+    answers later questions about its files until this process changes one of them, so files another
+    process wrote since are missing from it."""
+
+    protocol = ("listingcache",)
+    cachable = False
+
+    def ls(self, path, detail=False, **kwargs):
+        path = self._strip_protocol(path)
+        entries = super().ls(path, detail=True, **kwargs)
+        self.dircache[path] = entries
+        return entries if detail else [e["name"] for e in entries]
+
+    def info(self, path, **kwargs):
+        path = self._strip_protocol(path)
+        parent = self._parent(path)
+        if path not in self.dircache and parent in self.dircache:
+            for entry in self.dircache[parent]:
+                if entry["name"] == path:
+                    return entry
+            raise FileNotFoundError(path)
+        return super().info(path, **kwargs)
+
+    def isfile(self, path):
+        try:
+            return self.info(path)["type"] == "file"
+        except FileNotFoundError:
+            return False
+
+    def isdir(self, path):
+        path = self._strip_protocol(path)
+        return path in self.dircache or super().isdir(path)
+
+    def exists(self, path, **kwargs):
+        try:
+            self.info(path)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def pipe_file(self, path, value, **kwargs):  # its own changes it forgets the listings of, as s3fs does
+        super().pipe_file(path, value, **kwargs)
+        self.invalidate_cache(path)
+
+    def mv(self, path1, path2, **kwargs):
+        super().mv(path1, path2, **kwargs)
+        self.invalidate_cache(path1)
+        self.invalidate_cache(path2)
+
+    def rm_file(self, path):
+        super().rm_file(path)
+        self.invalidate_cache(path)
+
+    def makedirs(self, path, exist_ok=False):
+        super().makedirs(path, exist_ok=exist_ok)
+        self.invalidate_cache(path)
+
+    def invalidate_cache(self, path=None):
+        if path is None:
+            self.dircache.clear()
+            return
+        path = self._strip_protocol(path)
+        while True:  # the path and its parents, as s3fs does
+            self.dircache.pop(path, None)
+            parent = self._parent(path)
+            if parent == path or not parent:
+                return
+            path = parent
+
+
+def test_a_store_another_process_wrote_is_read_through_a_stale_listing(reference, tmp_path):
+    """A process that listed the folder before another one wrote the store (a rank other than 0, a reader
+    started early) reads the store as it is now, not as its cached listing says."""
+    import shutil
+
+    fs = ListingCacheFS()
+    root = FsPath(fs, str(tmp_path / "s"))
+    root.mkdir()
+    assert list(root.iterdir()) == [] and fs.dircache  # listed (and cached) while empty
+    for path in reference.iterdir():  # "another process": the plain file system, which knows no cache
+        shutil.copyfile(path, tmp_path / "s" / path.name)
+    store, local = Store(root), Store(reference)
+    assert store.verify() == [] and len(store) == len(local)
+    for key in ("resid.0", "doc_ids"):
+        assert torch.equal(store[key][:], local[key][:])

@@ -49,7 +49,7 @@ def _fake(cell: Cell, direct: np.ndarray, pasted: np.ndarray, random: np.ndarray
     return {"cell": cell.__dict__ | {"name": cell.name}, "conditions": cond,
             "donor_conditions": {"none": {"rate": 0.1}, "edited": {"rate": 0.5}},
             "ratios": {"per_prompt": {k: v.tolist() for k, v in per.items()},
-                       "pasted_over_direct": float(pasted.mean() / direct.mean())},
+                       "pasted_over_direct": float(pasted.mean() / direct.mean()) if direct.mean() else None},
             "diagnostics": {}, "settings": {}}
 
 
@@ -74,6 +74,20 @@ def test_pooling_over_seeds_has_the_known_answer():
     t = targets_met(summarise(results + noisy), "vector")
     assert t["cells"] == 1 and t["mean"] == pytest.approx(0.6) and not t["mean_ok"] and t["min_ok"]
     assert "| vector | jargon | a → b | 3 |" in markdown_table(summarise(results))
+
+
+def test_a_cell_without_direct_effect_has_no_ratio_and_fails_the_targets():
+    """A direct edit that moves nothing gives no pasted/direct (nan, not inf or a crash), and the cell counts
+    as missed rather than vanishing from the targets."""
+    flat = _fake(Cell("fortunes", "a", "b", "adapter", 0), np.zeros(40), np.full(40, 0.1), np.zeros(40))
+    good = _fake(Cell("jargon", "a", "b", "adapter", 0), np.full(40, 0.3), np.full(40, 0.3), np.zeros(40))
+    rows = summarise([flat, good])
+    by_genre = {r["genre"]: r for r in rows}
+    assert np.isnan(by_genre["fortunes"]["pasted_over_direct"]) and by_genre["fortunes"]["per_seed"] == [None]
+    assert by_genre["jargon"]["pasted_over_direct"] == pytest.approx(1.0)
+    t = targets_met(rows, "adapter")
+    assert t["cells"] == 2 and t["no_ratio"] == 1 and not t["mean_ok"] and not t["min_ok"]
+    assert "| adapter | fortunes | a → b | 1 |" in markdown_table(rows)
 
 
 def test_matrix_lists_every_cell_once():

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from actlab.analyses.base import ProfileData, collect_profile_data
+from actlab.dist.env import current
 from actlab.engine.progress import progress_bar
 from actlab.engine.config import positive_int
 from actlab.errors import ActlabError
@@ -83,8 +84,13 @@ def run_profile(
     reservoir_size: int = 4096,
     batch_size: int = 8,
     progress: bool = False,
+    distributed: bool = False,
 ) -> ProfileRun:
-    """Profile ``model`` on ``docs`` (default: the bundled prompt set) and write the report."""
+    """Profile ``model`` on ``docs`` (default: the bundled prompt set) and write the report.
+
+    With ``distributed`` (inside torchrun) the ranks share the collection pass, after which every rank
+    holds the same data, equal to one process's; rank 0 alone runs the analyses and writes the files
+    (the other ranks return a run with ``data`` and no results), so the output equals a one-process run's."""
     from actlab.analyses.dead import dead_neurons
     from actlab.analyses.lenses import lenses
     from actlab.analyses.linearity import layer_linearity
@@ -106,7 +112,10 @@ def run_profile(
     eval_texts = list(eval_texts) if eval_texts is not None else default_eval
     start = time.perf_counter()
     data = collect_profile_data(model, docs, eval_texts=eval_texts, reservoir_size=reservoir_size,
-                                batch_size=batch_size, progress=progress)
+                                batch_size=batch_size, progress=progress, distributed=distributed)
+    if distributed and not current().is_main:
+        return ProfileRun(results=[], data=data, out_dir=None, seconds=time.perf_counter() - start,
+                          meta={"n_tokens": data.n_tokens})
     prompts = docs[:32]
     steps = {
         "sparsity": lambda: activation_sparsity(data, model),

@@ -32,8 +32,13 @@ def profile(
     dtype: str = DtypeOpt,
 ):
     """Per-layer activation profile (sparsity, dead neurons, PPL-p%, massive activations, linearity, lenses,
-    redundancy, neuron readout) written as report.html + profile.json."""
+    redundancy, neuron readout) written as report.html + profile.json.
+
+    Under torchrun (`torchrun --nproc-per-node N --no-python actlab profile ...`) the ranks share the
+    collection pass (on cuda:LOCAL_RANK when --device is cuda); rank 0 runs the analyses and writes the files."""
     from actlab.analyses.profile import run_profile
+    from actlab.dist import init
+    from actlab.dist.placement import rank_device
     from actlab.io import check_output_dir, read_documents
 
     chosen = names(analyses)
@@ -43,10 +48,13 @@ def profile(
     for value, option in ((reservoir, "--reservoir"), (batch_size, "--batch-size"), (max_tokens, "--max-tokens")):
         at_least(value, 1, option)
     check_output_dir(out, ("profile.json", "report.html"), what="profiles")
-    m = load_model(model, device, dtype)
-    docs = documents(data, m, max_tokens) if (data is not None or max_tokens is not None) else None
-    eval_texts = list(read_documents(eval_data)) if eval_data is not None else None
-    run = run_profile(m, docs, eval_texts=eval_texts, out_dir=out, analyses=chosen,
-                      reservoir_size=reservoir, batch_size=batch_size, progress=True)
+    with init() as rank:
+        m = load_model(model, rank_device(device, rank), dtype)
+        docs = documents(data, m, max_tokens) if (data is not None or max_tokens is not None) else None
+        eval_texts = list(read_documents(eval_data)) if eval_data is not None else None
+        run = run_profile(m, docs, eval_texts=eval_texts, out_dir=out, analyses=chosen, reservoir_size=reservoir,
+                          batch_size=batch_size, progress=rank.is_main, distributed=rank.world_size > 1)
+    if not rank.is_main:
+        return
     console.print(run.headline_table(f"profile of {m.name} ({run.meta['n_tokens']:,} tokens, {run.seconds:.0f} s)"))
     console.print(f"[green]report:[/] {escape(str(run.report_path.resolve()))}")

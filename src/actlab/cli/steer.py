@@ -133,25 +133,27 @@ def adapter_train(
     model: str = ModelArg,
     data: Path = typer.Option(..., help="Training texts (.txt/.jsonl 'text'), or JSONL pairs with 'prompt' and 'completion'."),
     site: str = typer.Option("resid.mid", help="Residual site the adapter acts on (resid.mid: the middle layer)."),
-    rank: int = typer.Option(4, help="Adapter rank r."),
-    steps: int = typer.Option(200, help="Maximum optimisation steps (early stopping on a validation split)."),
-    lr: float = typer.Option(1e-2, help="Learning rate."),
+    rank: Optional[int] = typer.Option(None, help="Adapter rank r (default: the library's, 4)."),
+    steps: Optional[int] = typer.Option(None, help="Maximum optimisation steps, early stopping on a validation split "
+                                        "(default: the library's, 200)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: the library's, 5e-3)."),
+    subspace: Optional[int] = typer.Option(None, help="Keep R inside the top-N principal directions of the site on "
+                                           "the training texts, 0 anywhere (default: the library's); see docs/transfer.md."),
     out: Path = typer.Option(Path("adapter.safetensors"), "--out", "-o", help="Adapter file to write."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ):
     """Train a low-rank residual adapter (h ← h + Rᵀ(Wh + b − Rh)) by backprop on a small dataset."""
-    from actlab.interventions.adapter_train import train_adapter
+    from actlab.interventions.adapter_train import AdapterConfig, train_adapter
     from actlab.io import check_output_file
 
-    at_least(rank, 1, "--rank")
-    at_least(steps, 1, "--steps")
-    positive(lr, "--lr")
+    options = {k: v for k, v in dict(rank=rank, steps=steps, lr=lr, subspace=subspace).items() if v is not None}
+    AdapterConfig(**options)  # bad options fail here, before the model loads
     check_output_file(out)
     examples = _training_examples(data)
     m = load_model(model, device, dtype)
-    adapter = train_adapter(m, examples, site, rank=rank, steps=steps, lr=lr, progress=True)
+    adapter = train_adapter(m, examples, site, progress=True, **options)  # AdapterConfig checks the options
     adapter.save(out)
     p = adapter.params
-    console.print(f"[green]wrote[/] {escape(str(out))}: rank {rank} at {adapter.site}; validation loss {p.get('val_loss_before', float('nan')):.3f} → "
+    console.print(f"[green]wrote[/] {escape(str(out))}: rank {adapter.rank} at {adapter.site}; validation loss {p.get('val_loss_before', float('nan')):.3f} → "
                   f"{p.get('val_loss', float('nan')):.3f} in {p.get('steps_run')} steps ({p.get('train_seconds', 0):.1f} s)")

@@ -104,6 +104,7 @@ class TransferEvalConfig(Config):
     rank: int = DEFAULT_RANK  # adapters: rank, training steps, batch
     steps: int = DEFAULT_STEPS
     adapter_batch_size: int = 8
+    adapter_subspace: int | None = None  # AdapterConfig.subspace (None: its default)
     donor_site: str | None = None
     n_fit: int = DEFAULT_FIT_PAIRS
     coef: float | None = None
@@ -226,7 +227,8 @@ def make_behaviour(model, site: str, data: EvalData, config: TransferEvalConfig)
         method = "fit_steering (mean-diff)"
     else:
         edit = train_adapter(model, data.adapter_data, site, rank=config.rank, steps=config.steps,
-                             batch_size=config.adapter_batch_size, seed=config.seed)
+                             batch_size=config.adapter_batch_size, seed=config.seed,
+                             **({} if config.adapter_subspace is None else {"subspace": config.adapter_subspace}))
         method = f"train_adapter (rank {config.rank}, {edit.params.get('steps_run')} steps run)"
     return edit, time.perf_counter() - start, method
 

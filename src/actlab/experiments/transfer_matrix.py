@@ -86,7 +86,9 @@ def _per_prompt_effects(result: dict[str, Any], condition: str) -> np.ndarray:
 
 def _pooled_ratio(results: list[dict], condition: str, rng: np.random.Generator) -> tuple[float, list[float]]:
     effects = [(_per_prompt_effects(r, condition), _per_prompt_effects(r, "direct")) for r in results]
-    point = np.mean([e.mean() for e, _ in effects]) / np.mean([d.mean() for _, d in effects])
+    with np.errstate(divide="ignore", invalid="ignore"):  # no direct effect at all: no ratio (nan)
+        point = np.float64(np.mean([e.mean() for e, _ in effects])) / np.mean([d.mean() for _, d in effects])
+    point = point if np.isfinite(point) else math.nan
     num, den = np.zeros(N_BOOT), np.zeros(N_BOOT)
     for e, d in effects:
         idx = rng.integers(0, len(e), size=(N_BOOT, len(e)))
@@ -97,6 +99,11 @@ def _pooled_ratio(results: list[dict], condition: str, rng: np.random.Generator)
     boot = boot[np.isfinite(boot)]
     ci = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))] if len(boot) else [math.nan, math.nan]
     return float(point), ci
+
+
+def _rounded(x: float | None) -> float | None:
+    """A seed's ratio for the table; None when that seed's direct edit had no effect (no ratio)."""
+    return None if x is None else round(x, 3)
 
 
 def summarise(results: Iterable[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
@@ -120,7 +127,7 @@ def summarise(results: Iterable[dict[str, Any]], seed: int = 0) -> list[dict[str
             "direct_effect": float(np.mean([r["conditions"]["direct"]["effect"] for r in rs])),
             "pasted_effect": float(np.mean([r["conditions"]["pasted"]["effect"] for r in rs])),
             "pasted_over_direct": pasted, "pasted_ci": pasted_ci, "random_over_direct": rand, "random_ci": rand_ci,
-            "per_seed": [round(r["ratios"]["pasted_over_direct"], 3) for r in rs],
+            "per_seed": [_rounded(r["ratios"]["pasted_over_direct"]) for r in rs],
             "perplexity": {k: float(np.mean([r["conditions"][k]["perplexity"] for r in rs]))
                            for k in ("none", "pasted", "direct")},
             "cosine": _mean_diag(rs, "cosine_pasted_direct"), "norm_ratio": _mean_diag(rs, "norm_ratio_pasted_direct"),
@@ -142,7 +149,9 @@ def targets_met(rows: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     ratios = [r["pasted_over_direct"] for r in mine]
     floor = TARGET_VECTOR_MIN if kind == "vector" else TARGET_ADAPTER_MIN
     worst_random = max(abs(r["random_over_direct"]) for r in mine)
-    return {"cells": len(mine), "mean": float(np.mean(ratios)), "min": float(np.min(ratios)),
+    # a cell whose direct edit had no effect has no ratio (nan): it fails both targets rather than vanishing
+    return {"cells": len(mine), "no_ratio": sum(math.isnan(x) for x in ratios), "mean": float(np.mean(ratios)),
+            "min": float(np.min(ratios)),
             "max_abs_random": float(worst_random), "mean_ok": bool(np.mean(ratios) >= TARGET_PASTED),
             "min_ok": bool(np.min(ratios) >= floor), "random_ok": bool(worst_random <= TARGET_RANDOM) if kind == "vector"
             else None}
@@ -162,7 +171,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {r['kind']} | {r['genre']} | {_short(r['donor'])} → {_short(r['recipient'])} | {len(r['seeds'])} | "
             f"{r['donor_none']:.2f} → {r['donor_edited']:.2f} | {r['direct_effect']:+.3f} | "
             f"**{r['pasted_over_direct']:.2f}** ({r['pasted_ci'][0]:.2f}–{r['pasted_ci'][1]:.2f}) | "
-            f"{', '.join(f'{x:.2f}' for x in r['per_seed'])} | "
+            f"{', '.join('—' if x is None else f'{x:.2f}' for x in r['per_seed'])} | "
             f"{r['random_over_direct']:+.2f} ({r['random_ci'][0]:+.2f}–{r['random_ci'][1]:+.2f}) | "
             + ("—" if math.isnan(r["cosine"]) else f"{r['cosine']:.2f}, {r['norm_ratio']:.2f}")
             + f" | {r['perplexity']['none']:.0f} / {r['perplexity']['pasted']:.0f} / {r['perplexity']['direct']:.0f} |")

@@ -22,6 +22,7 @@ class AdapterConfig(Config):
     # the adapter
     rank: int = 4
     positions: str = "all"
+    subspace: int = 0  # 0: R anywhere; m > 0: R inside the top-m principal directions of the site on the data
     # the optimiser
     steps: int = 200
     lr: float = 5e-3
@@ -35,7 +36,11 @@ class AdapterConfig(Config):
     max_tokens: int = 128
 
     def validate(self) -> None:
-        check_fields(self, positive_ints=("steps", "batch_size"), positive_numbers=("lr",),
+        if isinstance(self.subspace, bool) or not isinstance(self.subspace, int) or self.subspace < 0:
+            raise ActlabError(f"subspace must be 0 (anywhere) or a number of principal directions, not {self.subspace!r}")
+        if 0 < self.subspace < self.rank:
+            raise ActlabError(f"subspace ({self.subspace}) must be at least the rank ({self.rank}): R lives inside it")
+        check_fields(self, positive_ints=("rank", "steps", "batch_size"), positive_numbers=("lr",),
                      fractions=("val_fraction",), choices={"positions": POSITION_MODES})
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ActlabError(f"weight_decay must be >= 0, not {self.weight_decay}")

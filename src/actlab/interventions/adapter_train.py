@@ -77,20 +77,47 @@ def init_adapter(model, site: str, rank: int = 4, *, seed: int = 0, positions: s
                           model=model.identity(), params={"rank": rank})
 
 
-class _Trainable:
-    """The adapter's leaves on the model's device: ``R`` (kept orthonormal), ``ΔW`` (W = R + ΔW) and ``b``."""
+def principal_basis(model, site: str, examples: list[Example], m: int) -> torch.Tensor:
+    """[m, width]: the top-``m`` principal directions (orthonormal rows) of ``site`` over the examples' tokens.
 
-    def __init__(self, adapter: LowRankAdapter, device, config: AdapterConfig):
+    Why: a random-start adapter writes into low-variance directions of the stream, which another model's
+    stream does not follow (Command-V pastes it poorly, docs/transfer.md); confining ``R`` to the directions
+    the data varies along keeps the edit where the two models correspond. The first token of each example
+    is left out: its activations are often far larger than the rest (massive activations) and would take
+    the top directions."""
+    batch = model.collect([list(p) + list(t) for p, t in examples], site, positions="all")
+    rows = batch.acts[site][batch.positions > 0].double()
+    if rows.shape[0] < 2:
+        raise ActlabError(f"subspace={m} needs at least 2 tokens after the first in the training data")
+    _, _, vh = torch.linalg.svd(rows - rows.mean(0), full_matrices=False)
+    if vh.shape[0] < m:
+        raise ActlabError(f"subspace={m} asks for more principal directions than the {vh.shape[0]} the data has; "
+                          "lower subspace or add data")
+    return vh[:m].float().contiguous()
+
+
+class _Trainable:
+    """The adapter's leaves on the model's device: ``R`` (kept orthonormal), ``ΔW`` (W = R + ΔW) and ``b``.
+    With a ``basis`` P ([m, width], orthonormal rows) ``R = R_m P`` and only ``R_m`` [rank, m] is trained."""
+
+    def __init__(self, adapter: LowRankAdapter, device, config: AdapterConfig, basis: torch.Tensor | None = None):
         self.adapter = adapter
-        self.R = adapter.R.to(device).requires_grad_(True)
-        self.dW = torch.zeros_like(self.R, requires_grad=True)
+        self.P = None if basis is None else basis.to(device)
+        R0 = adapter.R if basis is None else orthonormal_rows(adapter.rank, basis.shape[0], config.seed)
+        self.R_free = R0.to(device).requires_grad_(True)
+        self.dW = torch.zeros(adapter.R.shape, device=device, requires_grad=True)
         self.b = torch.zeros(adapter.rank, device=device, requires_grad=True)
-        self.opt = torch.optim.AdamW([{"params": [self.R], "weight_decay": 0.0},
+        self.opt = torch.optim.AdamW([{"params": [self.R_free], "weight_decay": 0.0},
                                       {"params": [self.dW, self.b], "weight_decay": config.weight_decay}],
                                      lr=config.lr)
 
+    @property
+    def R(self) -> torch.Tensor:
+        return self.R_free if self.P is None else self.R_free @ self.P
+
     def sync(self) -> None:
-        self.adapter.R, self.adapter.W, self.adapter.b = self.R, self.R + self.dW, self.b
+        R = self.R
+        self.adapter.R, self.adapter.W, self.adapter.b = R, R + self.dW, self.b
 
     def snapshot(self) -> tuple[torch.Tensor, ...]:
         return self.R.detach().clone(), self.dW.detach().clone(), self.b.detach().clone()
@@ -100,8 +127,8 @@ class _Trainable:
         loss.backward()
         self.opt.step()
         with torch.no_grad():  # back to the orthonormal frame nearest-by-QR to R's rows
-            q, r = torch.linalg.qr(self.R.T)
-            self.R.copy_(_signed_q(q, r).T)
+            q, r = torch.linalg.qr(self.R_free.T)
+            self.R_free.copy_(_signed_q(q, r).T)
 
 
 def _split(examples: list[Example], config: AdapterConfig, rng: random.Random) -> tuple[list[Example], list[Example]]:
@@ -192,7 +219,10 @@ def train_adapter(model, data, site: str, config: AdapterConfig | None = None, *
                           "prompt part; use positions='all'")
     rng = random.Random(config.seed)
     train, val = _split(examples, config, rng)
-    leaves = _Trainable(adapter, model.device, config)
+    if config.subspace > adapter.width:
+        raise ActlabError(f"subspace ({config.subspace}) cannot exceed the width of '{adapter.site}' ({adapter.width})")
+    basis = principal_basis(model, adapter.site, train, config.subspace) if config.subspace else None
+    leaves = _Trainable(adapter, model.device, config, basis)
     loop = _Loop(model, leaves, config, kind == "pairs", rng)
     start = time.perf_counter()
     with frozen_weights(model):

@@ -8,12 +8,14 @@ also has a GPU: their weights wait in CPU memory (or on disk) and are copied to 
 forward; on a CPU-only machine ``cpu`` modules run in place and ``disk`` ones read their weights from the
 offload folder each time. This module checks maps before any weight moves (ActlabError naming the bad key,
 device or missing module), infers ``auto`` maps from a memory budget, and answers where a module runs.
+Under torchrun with several ranks on a machine of several GPUs, a strategy keeps to this rank's GPUs and
+an explicit map naming GPUs is refused (below, ``restrict_for_rank``).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -132,6 +134,93 @@ def check_memory(max_memory) -> dict | None:
     return out
 
 
+# ------------------------------------------------------------------------------ torchrun ranks
+# torchrun starts one process per GPU with the same command line, so ``device_map="auto"`` would spread every
+# rank's copy of the model over all the GPUs. A rank owns a slice of its machine's GPUs instead: a strategy's
+# budget names those only (and an equal share of the CPU memory the ranks share); a map or budget that cannot
+# be right for every rank (the same explicit map naming GPUs) is refused on every rank alike, so none waits
+# for one that stopped. Alone on its machine, or without GPUs, nothing changes. Pure functions of (local
+# rank, ranks on the machine, visible GPUs), tested with made-up counts; ``restrict_for_rank`` applies them.
+def _torchrun_local() -> tuple[int, int, int]:
+    """(LOCAL_RANK, LOCAL_WORLD_SIZE, WORLD_SIZE) from torchrun's environment; (0, 1, 1) alone."""
+    values = []
+    for name, default in (("LOCAL_RANK", 0), ("LOCAL_WORLD_SIZE", None), ("WORLD_SIZE", 1)):
+        value = os.environ.get(name)
+        try:
+            values.append(int(value) if value else default)
+        except ValueError:
+            raise ActlabError(f"environment variable {name}={value!r} is not an integer (set by torchrun)") from None
+    local_rank, local_world, world = values
+    return local_rank, world if local_world is None else local_world, world
+
+
+def rank_gpus(local_rank: int, local_world: int, n_gpus: int) -> list[int]:
+    """The GPUs a rank's device map may use: an equal, contiguous slice of the machine's ``n_gpus``."""
+    if n_gpus == 0:
+        return []
+    if local_world <= 1:
+        return list(range(n_gpus))
+    if n_gpus == 1:
+        return [0]  # each rank sees its own GPU (CUDA_VISIBLE_DEVICES set per rank)
+    if n_gpus % local_world:
+        raise ActlabError(f"a device map needs the GPUs shared evenly among the ranks of a machine: {n_gpus} GPUs "
+                          f"for {local_world} ranks is ambiguous; start a number of ranks per machine that divides "
+                          f"{n_gpus} (--nproc-per-node), or give --device cuda (one GPU per rank)")
+    k = n_gpus // local_world
+    return list(range(local_rank * k, (local_rank + 1) * k))
+
+
+def rank_budget(budget: dict | None, local_rank: int, local_world: int, n_gpus: int,
+                measured: Callable[[], dict]) -> dict | None:
+    """The ``max_memory`` of a device-map strategy for this rank: only its GPUs. No budget: the measured one
+    (``measured()``, accelerate's) for its GPUs and a ``1/local_world`` share of the CPU memory. A budget
+    naming GPUs keeps those of this rank; it must name some GPU of every rank (else it is refused)."""
+    if local_world <= 1 or n_gpus <= 1:
+        return budget
+    mine = rank_gpus(local_rank, local_world, n_gpus)
+    if budget is None:
+        full = measured()
+        out: dict = {g: full[g] for g in mine if g in full}
+        out.update({k: v // local_world if k == "cpu" else v for k, v in full.items() if not isinstance(k, int)})
+        return out
+    named = {k for k in budget if isinstance(k, int)}
+    if not named:
+        return budget
+    bare = [r for r in range(local_world) if not named & set(rank_gpus(r, local_world, n_gpus))]
+    if bare:
+        raise ActlabError(f"max_memory names GPUs {sorted(named)}, but the ranks of a machine each own a slice of "
+                          f"its {n_gpus} GPUs and LOCAL_RANK {bare[0]}'s ({rank_gpus(bare[0], local_world, n_gpus)}) "
+                          "has none: name every GPU, or leave the GPUs out (each rank measures its own)")
+    return {k: v for k, v in budget.items() if not isinstance(k, int) or k in mine}
+
+
+def check_rank_map(device_map: dict[str, str], local_world: int, n_gpus: int) -> None:
+    """An explicit device map is the same on every rank, so with several ranks on a machine of several
+    GPUs one naming a GPU would put them all there: refused (on every rank alike)."""
+    if local_world <= 1 or n_gpus <= 1:
+        return
+    gpus = sorted({v for v in device_map.values() if v not in ("cpu", "disk")})
+    if gpus:
+        raise ActlabError(f"the device map names {', '.join(gpus)}, but torchrun started {local_world} ranks on this "
+                          f"machine of {n_gpus} GPUs and every rank gets the same map: use --device-map auto, "
+                          "balanced or sequential (each rank keeps to its own GPUs), or one rank per machine")
+
+
+def restrict_for_rank(device_map, budget: dict | None) -> dict | None:
+    """A strategy's budget restricted to this rank's GPUs (an explicit map checked instead), when torchrun's
+    environment describes several ranks on this machine; otherwise ``budget`` as it is."""
+    local_rank, local_world, world = _torchrun_local()
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if world <= 1 or local_world <= 1 or n_gpus <= 1:
+        return budget
+    if isinstance(device_map, dict):
+        check_rank_map(device_map, local_world, n_gpus)
+        return budget
+    from accelerate import utils
+
+    return rank_budget(budget, local_rank, local_world, n_gpus, utils.get_max_memory)
+
+
 # --------------------------------------------------------------------------------------- inferring
 def infer_map(hf: nn.Module, strategy: str, max_memory: dict | None, dtype: torch.dtype | None) -> dict[str, str]:
     """The map accelerate chooses for ``strategy`` within ``max_memory`` (blocks are never split)."""
@@ -155,12 +244,13 @@ def resolve_map(hf: nn.Module, device_map, max_memory, dtype: torch.dtype | None
     """The checked, explicit map for ``device_map`` (a strategy or a dict); a map with disk entries needs a folder."""
     budget = check_memory(max_memory)
     if isinstance(device_map, str):
-        resolved = infer_map(hf, device_map, budget, dtype)
+        resolved = infer_map(hf, device_map, restrict_for_rank(device_map, budget), dtype)
     else:
         if budget is not None:
             raise ActlabError("max_memory is for device_map strategies ('auto', 'balanced', ...); an explicit map "
                               "already says where each module goes")
         resolved = check_map(hf, device_map)
+        restrict_for_rank(resolved, None)
     if resolved.get("") == "disk" and not list(hf.named_parameters(recurse=False)):
         # the whole model on disk (a budget smaller than any block): name its parts, which accelerate can offload
         resolved = {name: "disk" for name, _ in hf.named_children()}

@@ -85,15 +85,21 @@ class FsPath:
     def __lt__(self, other: "FsPath") -> bool:
         return self.path < other.path
 
-    # queries
+    # queries: each one asks the filesystem afresh. Object-store drivers (s3fs, gcsfs, adlfs) answer from
+    # a directory listing they cached, which lacks what other processes (the other ranks, a writer still
+    # at work) wrote since, and still shows what they removed; one request per question is the price.
+    def _fresh(self) -> str:
+        self.fs.invalidate_cache(self.path)
+        return self.path
+
     def exists(self) -> bool:
-        return self.fs.exists(self.path)
+        return self.fs.exists(self._fresh())
 
     def is_file(self) -> bool:
-        return self.fs.isfile(self.path)
+        return self.fs.isfile(self._fresh())
 
     def is_dir(self) -> bool:
-        return self.fs.isdir(self.path)
+        return self.fs.isdir(self._fresh())
 
     def is_symlink(self) -> bool:
         return False  # object stores have no links; fsspec's local filesystem resolves them itself
@@ -102,12 +108,11 @@ class FsPath:
         return self
 
     def stat(self) -> _Stat:
-        return _Stat(int(self.fs.size(self.path)))
+        return _Stat(int(self.fs.size(self._fresh())))
 
     def iterdir(self):
-        if not self.fs.isdir(self.path):
+        if not self.fs.isdir(self._fresh()):  # a listing must show what other writers added
             return iter(())
-        self.fs.invalidate_cache(self.path)  # a listing must show what other writers added
         names = sorted(p.rstrip("/") for p in self.fs.ls(self.path, detail=False))
         return iter([FsPath(self.fs, p) for p in names if p.rstrip("/") != self.path.rstrip("/")])
 
