@@ -140,6 +140,16 @@ def test_the_split_is_real(split):
     assert split.devices == [torch.device("cpu")] and split.site_device("resid.2") == torch.device("cpu")
 
 
+def test_known_answer_copies_refuse_a_split_model(split):
+    from actlab.errors import ActlabError
+    from actlab.experiments.known_pairs import finetuned_copy, rotated_copy
+
+    with pytest.raises(ActlabError, match="split across devices"):
+        rotated_copy(split)
+    with pytest.raises(ActlabError, match="split across devices"):
+        finetuned_copy(split, ["some text to fine-tune on"])
+
+
 def test_split_model_outputs_captures_and_edits_equal_one_device(split, reference):
     check_same_behaviour(split, reference)
 

@@ -40,6 +40,7 @@ def test_a_device_map_rank_owns_an_even_slice_of_the_gpus():
 def test_a_strategys_budget_names_the_ranks_gpus_only():
     measured = {0: 80, 1: 80, 2: 80, 3: 80, "cpu": 1000}
     assert mp.rank_budget(None, 1, 2, 4, lambda: measured) == {2: 80, 3: 80, "cpu": 500}  # CPU memory shared
+    assert mp.rank_budget(None, 3, 4, 4, lambda: measured) == {3: 72, "cpu": 250}  # one GPU: accelerate's 10% buffer
     assert mp.rank_budget(None, 0, 1, 4, lambda: measured) is None  # alone on the machine: accelerate measures all
     given = {0: 10, 1: 11, 2: 12, 3: 13, "cpu": 99, "disk": 7}
     assert mp.rank_budget(given, 0, 2, 4, lambda: measured) == {0: 10, 1: 11, "cpu": 99, "disk": 7}
@@ -65,14 +66,23 @@ def _torchrun_env(monkeypatch, rank: int, world: int) -> None:
 def test_restrict_for_rank_with_four_fake_gpus(monkeypatch):
     """The path models.placement takes, with CUDA faked: rank 1 of 2 keeps to GPUs 2 and 3."""
     import accelerate.utils
+    from tiny_models import tiny_hf_model
 
+    hf = tiny_hf_model("llama")
+    half = accelerate.utils.compute_module_sizes(hf)[""] // 2
     _torchrun_env(monkeypatch, 1, 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    monkeypatch.setattr(accelerate.utils, "get_max_memory", lambda: {0: 8, 1: 8, 2: 8, 3: 8, "cpu": 64})
-    assert mp.restrict_for_rank("auto", None) == {2: 8, 3: 8, "cpu": 32}
+    monkeypatch.setattr(accelerate.utils, "get_max_memory", lambda: {**{g: half for g in range(4)}, "cpu": 8 * half})
+    budget = mp.restrict_for_rank("auto", None)
+    assert budget == {2: half, 3: half, "cpu": 4 * half}
+    # accelerate's own inference within that budget: blocks on GPUs 2 and 3 only (the rest offloaded to the CPU)
+    placed = accelerate.utils.infer_auto_device_map(hf, max_memory=budget, no_split_module_classes=hf._no_split_modules)
+    assert {v for v in placed.values() if isinstance(v, int)} == {2, 3} and "cpu" in placed.values()
     with pytest.raises(ActlabError, match="every rank gets the same map"):
         mp.restrict_for_rank({"": "cuda:0"}, None)
+    with pytest.raises(ActlabError, match="'balanced_low_0' with 2 ranks on a machine of 4 GPUs"):
+        mp.restrict_for_rank("balanced_low_0", None)
     current = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(str(d)))
     assert dp.rank_device("cuda", Rank(1, 2, 1)) == "cuda:1" and current == ["cuda:1"]

@@ -48,6 +48,7 @@ def record(
     Under ``torchrun --nproc-per-node N -m actlab record ...`` every rank records its share of the shards
     (on cuda:LOCAL_RANK when --device is cuda) and rank 0 finalises the store."""
     from actlab.dist import init
+    from actlab.dist.placement import rank_device
     from actlab.io import check_output_dir
     from actlab.store import record as record_store
     from actlab.store.remote import is_url
@@ -58,9 +59,7 @@ def record(
     if not is_url(out):
         check_output_dir(out, what="activation store")  # what the folder holds is checked by the store itself
     with init() as rank:
-        if device == "cuda" and rank.world_size > 1:
-            device = f"cuda:{rank.local_rank}"
-        m = load_model(model, device, dtype)
+        m = load_model(model, rank_device(device, rank), dtype)
         docs = documents(data, m, max_tokens)
         store = record_store(m, docs, sites, out, positions=where, batch_size=batch_size, shard_tokens=shard_tokens,
                              dtype=store_dtype, overwrite=overwrite, progress=rank.is_main,

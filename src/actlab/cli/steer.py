@@ -147,8 +147,15 @@ def adapter_train(
     from actlab.interventions.adapter_train import AdapterConfig, train_adapter
     from actlab.io import check_output_file
 
+    for value, option in ((rank, "--rank"), (steps, "--steps")):
+        if value is not None:
+            at_least(value, 1, option)
+    if lr is not None:
+        positive(lr, "--lr")
+    if subspace is not None:
+        at_least(subspace, 0, "--subspace")
     options = {k: v for k, v in dict(rank=rank, steps=steps, lr=lr, subspace=subspace).items() if v is not None}
-    AdapterConfig(**options)  # bad options fail here, before the model loads
+    AdapterConfig(**options)  # the remaining checks (subspace >= rank) fail here, before the model loads
     check_output_file(out)
     examples = _training_examples(data)
     m = load_model(model, device, dtype)

@@ -43,6 +43,9 @@ def _check_idle(model: Model) -> None:
     if model.hooks.active:
         raise ActlabError(f"{model.name} has an edit or capture open: copy it outside model.edit(...) / "
                           "model.capture(...) blocks")
+    if model.device_map is not None:  # accelerate's hooks and offloaded (meta) weights cannot be copied or trained
+        raise ActlabError(f"{model.name} is split across devices (device_map): known-answer copies need the whole "
+                          "model on one device; load it without device_map to make one")
 
 
 def rotated_copy(model: Model, seed: int = 0) -> tuple[Model, torch.Tensor]:

@@ -178,9 +178,9 @@ def rank_budget(budget: dict | None, local_rank: int, local_world: int, n_gpus: 
     if local_world <= 1 or n_gpus <= 1:
         return budget
     mine = rank_gpus(local_rank, local_world, n_gpus)
-    if budget is None:
+    if budget is None:  # one GPU: 90% of it, the buffer accelerate keeps for the forward when it measures itself
         full = measured()
-        out: dict = {g: full[g] for g in mine if g in full}
+        out: dict = {g: int(full[g] * 0.9) if len(mine) == 1 else full[g] for g in mine if g in full}
         out.update({k: v // local_world if k == "cpu" else v for k, v in full.items() if not isinstance(k, int)})
         return out
     named = {k for k in budget if isinstance(k, int)}
@@ -216,6 +216,9 @@ def restrict_for_rank(device_map, budget: dict | None) -> dict | None:
     if isinstance(device_map, dict):
         check_rank_map(device_map, local_world, n_gpus)
         return budget
+    if device_map == "balanced_low_0":  # accelerate keeps GPU 0 light, which is one rank's, not each rank's first
+        raise ActlabError(f"device_map 'balanced_low_0' with {local_world} ranks on a machine of {n_gpus} GPUs would "
+                          "keep only GPU 0 light; use 'balanced', 'auto' or 'sequential' (each rank its own GPUs)")
     from accelerate import utils
 
     return rank_budget(budget, local_rank, local_world, n_gpus, utils.get_max_memory)
