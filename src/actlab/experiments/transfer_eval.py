@@ -113,6 +113,7 @@ class TransferEvalConfig(Config):
     deattenuate: bool = True
     max_gain: float = DEFAULT_MAX_GAIN
     calibrate: bool = True  # pasted adapters: match the donor edit's size relative to the stream
+    calibrate_effect: str | None = None  # pasted adapters: "shift" / "kl" match the donor edit's effect on the predictions
     profile_prompts: Sequence[str] | None = None
     profile_contrast: int = 0  # also profile the contrast texts, this many times (converters that see the behaviour's data)
     converter_lambdas: Sequence[float] | None = PASTE_LAMBDAS  # None: fit_converters' whole grid
@@ -237,7 +238,8 @@ def _paste(donor, recipient, donor_edit, data: EvalData, config: TransferEvalCon
     # the evaluation's own grid (min_lambda 0: "auto" is the whole grid; PASTE_LAMBDAS already has the floor)
     return paste_between(donor, recipient, donor_edit, data.profile_prompts, positions=data.positions,
                          cache_dir=config.cache_dir, lambdas=config.converter_lambdas, min_lambda=0.0,
-                         deattenuate=config.deattenuate, max_gain=config.max_gain, calibrate=config.calibrate)
+                         deattenuate=config.deattenuate, max_gain=config.max_gain, calibrate=config.calibrate,
+                         calibrate_effect=config.calibrate_effect)
 
 
 def _adapter_summary(adapter: LowRankAdapter) -> dict[str, Any]:

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from actlab.interventions.base import Composition, Intervention
+from actlab.interventions.types import AffineMap
 from actlab.engine.config import Config
+from actlab.errors import ActlabError
 from actlab.transfer.converters import MIN_LAMBDA, PASTE_LAMBDAS, ConverterSet, fit_converters
 from actlab.transfer.paste import DEFAULT_MAX_GAIN, calibrate_scale, paste, predicted_effect
 from actlab.transfer.profiles import ActivationProfile, cached_profile, profile_model, resolve_positions
@@ -50,7 +52,12 @@ class PasteConfig(Config):
     deattenuate: bool = True  # restore the length regression converters lose along the edit's directions
     max_gain: float = DEFAULT_MAX_GAIN  # cap on the de-attenuation gain
     calibrate: bool = True  # pasted adapters/affine maps: match the donor edit's size relative to the stream
+    calibrate_effect: str | None = None  # pasted adapters: "shift" / "kl" match the donor edit's effect on the predictions
     batch_size: int = 16  # prompts per profiling forward pass
+
+    def validate(self) -> None:
+        if self.calibrate_effect not in (None, "shift", "kl"):
+            raise ActlabError(f"calibrate_effect must be None, 'shift' or 'kl', not {self.calibrate_effect!r}")
 
 
 @dataclass
@@ -101,6 +108,10 @@ def paste_between(donor, recipient, donor_edit: Intervention | Composition, prom
     pasted = paste(donor_edit, converters, recipient, deattenuate=config.deattenuate, max_gain=config.max_gain)
     if config.calibrate:
         pasted = calibrate_scale(donor_edit, pasted, d_prof, r_prof)
+    if config.calibrate_effect and any(isinstance(e, AffineMap) for e in pasted.edits()):
+        from actlab.transfer.calibration import calibrate_effect
+
+        pasted = calibrate_effect(donor, recipient, donor_edit, pasted, prompts, measure=config.calibrate_effect)
     seconds = {"donor_profile": d_seconds, "recipient_profile": r_seconds, "converters": converters.fit_seconds,
                "paste": time.perf_counter() - start}
     return PasteResult(pasted=pasted, converters=converters, donor_profile=d_prof, recipient_profile=r_prof,
