@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -7,7 +9,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # internal-error logs of the CLI go to a throwaway folder, never into the user's ~/.cache
-os.environ.setdefault("ACTLAB_LOG_DIR", tempfile.mkdtemp(prefix="actlab-test-logs-"))
+if "ACTLAB_LOG_DIR" not in os.environ:  # (spawned test processes inherit the parent's folder)
+    os.environ["ACTLAB_LOG_DIR"] = tempfile.mkdtemp(prefix="actlab-test-logs-")
+    atexit.register(shutil.rmtree, os.environ["ACTLAB_LOG_DIR"], ignore_errors=True)
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
