@@ -63,6 +63,48 @@ def store_breakdown(store, repeats: int, no_head_cpu: float) -> None:
           f"work {rest * 1e3:.1f} ms = {rest / no_head_cpu:.3f} of the no-head forward")
 
 
+def stats_breakdown(stats, repeats: int, no_head_cpu: float, n_values: int) -> None:
+    """Where the stats variant's CPU goes: the sink's ``consume`` (the statistics of every site) and, inside
+    it, the compiled statistics pass (``stats.kernel.block_pass``), timed inside one call each; the rest of
+    the variant is the model run and the captures."""
+    import statistics
+    import time
+
+    import actlab.stats.update as update
+    from actlab.stats.kernel import kernel_available
+
+    consume, block_pass = StatsSink.consume, update.block_pass
+    spent = {"consume": [], "kernel": []}
+
+    def timed(key, fn):
+        def run(*a, **k):
+            start = time.process_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[key][-1] += time.process_time() - start
+        return run
+
+    StatsSink.consume, update.block_pass = timed("consume", consume), timed("kernel", block_pass)
+    totals = []
+    try:
+        for _ in range(repeats):
+            spent["consume"].append(0.0)
+            spent["kernel"].append(0.0)
+            start = time.process_time()
+            stats()
+            totals.append(time.process_time() - start)
+    finally:
+        StatsSink.consume, update.block_pass = consume, block_pass
+    total, inside = statistics.median(totals), statistics.median(spent["consume"])
+    kernel = statistics.median(spent["kernel"])
+    where = (f"compiled pass {kernel * 1e3:.1f} ms = {kernel * 1e9 / n_values:.2f} ns/value" if kernel_available()
+             else "torch path (no compiled pass)")
+    print(f"stats, timed inside (median of {repeats}): consume {inside * 1e3:.1f} ms CPU ({where}; "
+          f"{n_values / 1e6:.1f}M values), model run + captures {(total - inside) * 1e3:.1f} ms; "
+          f"consume = {inside / no_head_cpu:.3f} of the no-head forward")
+
+
 def main() -> None:
     args, ids = capture_batch(__doc__)
 
@@ -115,6 +157,7 @@ def main() -> None:
           "no-head baseline too)")
 
     store_breakdown(store, args.repeats, head_c)
+    stats_breakdown(stats, args.repeats, head_c, len(ids.reshape(-1)) * sum(model.sites[s] for s in stats_sites))
 
     peer_python = ROOT / ".bench-venv" / "bin" / "python"
     if peer_python.exists():

@@ -15,8 +15,9 @@ import torch
 
 from actlab.errors import ActlabError
 from actlab.stats.binning import SymlogBinning, sparsity_edges
-from actlab.stats.state import FIELDS, PLAIN_FIELDS, STATE_FIELDS, check_config, check_state
-from actlab.stats.topk import TOP_FIELDS, block_top, select_top
+from actlab.stats.state import FIELDS, PLAIN_FIELDS, STATE_FIELDS, check_config, check_eps, check_int, check_state
+from actlab.stats.topk import TOP_FIELDS, block_top, merge_top, select_top
+from actlab.stats.topk_kernel import merge_block_top
 from actlab.stats.update import BLOCK_ELEMS, BlockStats, exact_block, fast_block, scratch, token_labels
 
 __all__ = ["ChannelStats", "DEFAULT_CONFIG", "STATE_FIELDS"]
@@ -28,24 +29,6 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "sparsity_bins": 20,
     "topk": 32,
 }
-
-def _check_int(name: str, value, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ActlabError(f"{name} must be an integer between {lo} and {hi}, got {value!r}")
-    return value
-
-
-def _check_eps(eps) -> float:
-    try:
-        eps = float(eps)
-    except (TypeError, ValueError):
-        raise ActlabError(f"eps must be a number such as 1e-3, got {eps!r}") from None
-    if not (eps == 0.0 or 2.0**-80 <= eps <= 2.0**80):
-        raise ActlabError(
-            f"eps must be 0 (count exact zeros only) or between 1e-24 and 1e24, got {eps!r}"
-        )
-    return eps
-
 
 def _fraction(counter: str, doc: str) -> property:
     """A float64 ``[width]`` property: the counter ``counter`` over the tokens seen (NaN before any)."""
@@ -84,11 +67,11 @@ class ChannelStats:
         sparsity_bins: int = DEFAULT_CONFIG["sparsity_bins"],
         topk: int = DEFAULT_CONFIG["topk"],
     ):
-        self.width = _check_int("width", width, 1, 1 << 30)
-        self.eps = _check_eps(eps)
+        self.width = check_int("width", width, 1, 1 << 30)
+        self.eps = check_eps(eps)
         self.binning = SymlogBinning.from_range(hist_range, bins_per_octave)
-        self.sparsity_bins = _check_int("sparsity_bins", sparsity_bins, 1, 100_000)
-        self.topk = _check_int("topk", topk, 0, 1_000_000)
+        self.sparsity_bins = check_int("sparsity_bins", sparsity_bins, 1, 100_000)
+        self.topk = check_int("topk", topk, 0, 1_000_000)
         w = self.width
         i64, f64 = torch.int64, torch.float64
         self.count = 0
@@ -107,6 +90,7 @@ class ChannelStats:
             name: torch.zeros(0, dtype=FIELDS[name][0]) for name in TOP_FIELDS
         }
         self._top_floor = -math.inf  # |value| of the k-th kept entry once k are kept
+        self._all_finite = True  # no non-finite value seen: every channel's n_finite is count
 
     # ------------------------------------------------------------------ config / state
     def config(self) -> dict[str, Any]:
@@ -150,6 +134,7 @@ class ChannelStats:
             setattr(self, name, state[name].clone())
         self.top = {name: state[name].clone() for name in TOP_FIELDS}
         self._refresh_top_floor()
+        self._all_finite = not bool(self.nonfinite.any())
         return self
 
     def copy(self) -> "ChannelStats":
@@ -233,9 +218,9 @@ class ChannelStats:
         """Add ``x`` (``[n, width]``, any float dtype) to the stats.
 
         ``doc_ids``, ``positions``, ``token_ids`` (``[n]`` integers, optional: -1 when absent)
-        only label the top-k entries. Work is done in blocks of at most 2**21 values (walked in
-        cache-sized tiles) with vectorised torch ops; nothing of ``x`` is kept except the
-        top-k entries.
+        only label the top-k entries. Work is done in blocks of at most 2**21 values, by the
+        compiled single pass (``stats.kernel``, float32) or vectorised torch ops over cache-sized
+        tiles; nothing of ``x`` is kept except the top-k entries.
         """
         if not isinstance(x, torch.Tensor):
             raise ActlabError(f"activations must be a torch.Tensor, got {type(x).__name__}")
@@ -266,7 +251,10 @@ class ChannelStats:
     def _update_block_fast(self, xb: torch.Tensor, row0: int, aux) -> bool:
         """All-finite fast path; returns False (changing nothing) if the block holds
         NaN/inf (or values whose squares overflow), for the exact path to handle."""
-        block = fast_block(xb, self.eps, self.binning, bool(self.topk))
+        # with no non-finite value seen, every channel holds count values: the compiled pass folds in place
+        site = (self._mean, self.m2, self.max, self.min, self.absmax, self.zeros, self.small, self.active,
+                self.count) if self._all_finite else None
+        block = fast_block(xb, self.eps, self.binning, bool(self.topk), (self.hist, self.sparsity_hist), site)
         if block is None:
             return False
         self._fold(block, row0, aux)
@@ -278,8 +266,13 @@ class ChannelStats:
 
     def _fold(self, b: BlockStats, row0: int, aux) -> None:
         """Add one block of activations: its counters, its sparsity per row, its top-k candidates."""
-        self._add_counts(b)
-        self._add_sparsity(b.small_per_row)
+        if b.merged:
+            self._mean, self.m2, self.max, self.min, self.absmax = b.mean, b.m2, b.max, b.min, b.absmax
+            self.count += b.n
+        else:
+            self._add_counts(b)
+        if b.small_per_row is not None:
+            self._add_sparsity(b.small_per_row)
         if b.rowmax is not None:
             self._add_top(b.values, b.rowmax, row0, aux)
 
@@ -289,16 +282,26 @@ class ChannelStats:
         self.count += b.n
         if b.nonfinite is not None:
             self.nonfinite += b.nonfinite
+            self._all_finite = self._all_finite and not bool(b.nonfinite.any())
         self.max = torch.maximum(self.max, b.max)
         self.min = torch.minimum(self.min, b.min)
         self.absmax = torch.maximum(self.absmax, b.absmax)
         self.zeros += b.zeros
         self.small += b.small
         self.active += b.active
-        self.hist += b.hist
+        if b.hist is not None:
+            self.hist += b.hist
 
     def _merge_moments(self, n_b, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
         """Chan et al. parallel update of (n, mean, M2), per channel, in float64."""
+        if isinstance(n_b, int) and self._all_finite:
+            # every channel has n_a = count values and gets n_b > 0 more: scalar weights, four ops
+            n_a = self.count
+            frac = n_b / (n_a + n_b)
+            delta = mean_b.cpu() - self._mean
+            self._mean = torch.add(self._mean, delta, alpha=frac)
+            self.m2 = torch.add(self.m2, m2_b.cpu()).addcmul_(delta, delta, value=n_a * frac)
+            return
         n_a = self.n_finite.to(torch.float64)
         n = n_a + n_b
         frac = torch.where(n > 0, n_b / n.clamp(min=1), torch.zeros_like(n))
@@ -316,16 +319,19 @@ class ChannelStats:
         k = self.topk
         if k == 0:
             return
-        if float(rowmax.max()) < self._top_floor:
+        top = merge_block_top(xb, rowmax, row0, aux, self.top, k, self._top_floor)  # compiled, when it can
+        if top is False:
             return  # nothing here can enter the kept top-k
-        fields = block_top(xb, rowmax, row0, aux, k)
-        merged = {name: torch.cat([self.top[name], fields[name]]) for name in TOP_FIELDS}
-        self.top = select_top(merged, k)
+        if top is None:
+            if float(rowmax.max()) < self._top_floor:
+                return
+            top = merge_top(self.top, block_top(xb, rowmax, row0, aux, k), k)
+        self.top = top
         self._refresh_top_floor()
 
     def _refresh_top_floor(self) -> None:
         tv = self.top["top_value"]
-        self._top_floor = float(tv[-1].abs()) if self.topk and tv.numel() >= self.topk else -math.inf
+        self._top_floor = abs(float(tv[-1])) if self.topk and tv.numel() >= self.topk else -math.inf
 
     # ------------------------------------------------------------------ merge
     def merge(self, other: "ChannelStats") -> "ChannelStats":

@@ -66,3 +66,23 @@ def check_state(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...
     if int(state["count"]) < 0:
         raise ActlabError(f"{where}: negative token count {int(state['count'])}; the file is corrupt")
     return n_top
+
+
+def check_int(name: str, value, lo: int, hi: int) -> int:
+    """A config integer in [lo, hi] (bools refused), or ActlabError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ActlabError(f"{name} must be an integer between {lo} and {hi}, got {value!r}")
+    return value
+
+
+def check_eps(eps) -> float:
+    """The small / active threshold as a float: 0 or a magnitude float32 can compare against."""
+    try:
+        eps = float(eps)
+    except (TypeError, ValueError):
+        raise ActlabError(f"eps must be a number such as 1e-3, got {eps!r}") from None
+    if not (eps == 0.0 or 2.0**-80 <= eps <= 2.0**80):
+        raise ActlabError(
+            f"eps must be 0 (count exact zeros only) or between 1e-24 and 1e24, got {eps!r}"
+        )
+    return eps

@@ -12,21 +12,27 @@ import torch
 TOP_FIELDS = ("top_value", "top_channel", "top_doc", "top_position", "top_token")
 
 
-def select_top(fields: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+def _np(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    return t.numpy() if isinstance(t, torch.Tensor) else t
+
+
+def select_top(fields: dict[str, torch.Tensor | np.ndarray], k: int) -> dict[str, torch.Tensor]:
     """Keep the k entries of largest |value|; ties broken by (doc, position, channel) ascending,
-    so the result does not depend on the order in which pieces were merged."""
-    keys = (
-        fields["top_channel"].numpy(),
-        fields["top_position"].numpy(),
-        fields["top_doc"].numpy(),
-        -np.abs(fields["top_value"].numpy()),
-    )
-    order = torch.from_numpy(np.lexsort(keys)[:k])
-    return {name: t[order] for name, t in fields.items()}
+    so the result does not depend on the order in which pieces were merged. (numpy throughout: a
+    handful of tiny arrays, where torch's per-call overhead would be most of the cost.)"""
+    arrays = {name: _np(t) for name, t in fields.items()}
+    keys = (arrays["top_channel"], arrays["top_position"], arrays["top_doc"], -np.abs(arrays["top_value"]))
+    order = np.lexsort(keys)[:k]
+    return {name: torch.from_numpy(a[order]) for name, a in arrays.items()}
 
 
-def block_top(xb: torch.Tensor, rowmax: torch.Tensor, row0: int, aux, k: int) -> dict[str, torch.Tensor]:
-    """The block's k best entries (``rowmax``: max |x| of each row, NaN as -1), labelled.
+def merge_top(kept: dict[str, torch.Tensor], new: dict[str, np.ndarray], k: int) -> dict[str, torch.Tensor]:
+    """``select_top`` of the kept entries and a block's candidates (``block_top``)."""
+    return select_top({name: np.concatenate([kept[name].numpy(), new[name]]) for name in TOP_FIELDS}, k)
+
+
+def block_top(xb: torch.Tensor, rowmax: torch.Tensor, row0: int, aux, k: int) -> dict[str, np.ndarray]:
+    """The block's k best entries (``rowmax``: max |x| of each row, NaN as -1), labelled (numpy arrays).
 
     Order: larger |x| first, ties by earlier row (rows are in doc, position order) then
     lower channel. The block's k best entries lie in the k best rows by that order of
@@ -55,15 +61,12 @@ def block_top(xb: torch.Tensor, rowmax: torch.Tensor, row0: int, aux, k: int) ->
     r = rows[sel // w]
     ch = sel % w
     g = r + row0
-    fields = {
-        "top_value": torch.from_numpy(xn[r, ch].astype(np.float64)),
-        "top_channel": torch.from_numpy(ch.astype(np.int64)),
-    }
+    fields = {"top_value": xn[r, ch].astype(np.float64), "top_channel": ch.astype(np.int64)}
     for name, t in zip(("top_doc", "top_position", "top_token"), aux):
         if t is None:
-            fields[name] = torch.full((g.size,), -1, dtype=torch.int64)
+            fields[name] = np.full(g.size, -1, dtype=np.int64)
         elif t.device.type == "cpu":
-            fields[name] = torch.from_numpy(t.numpy()[g].astype(np.int64))
+            fields[name] = t.numpy()[g].astype(np.int64)
         else:
-            fields[name] = t[torch.from_numpy(g).to(t.device)].to(torch.int64).cpu()
+            fields[name] = t[torch.from_numpy(g).to(t.device)].to(torch.int64).cpu().numpy()
     return fields

@@ -67,11 +67,12 @@ class BlockStats:
     small: torch.Tensor
     active: torch.Tensor
     nonfinite: torch.Tensor | None
-    hist: torch.Tensor
+    hist: torch.Tensor | None  # None: already added to the site's (the compiled pass)
     # of a block of activations only:
-    small_per_row: torch.Tensor | None = None  # channels with |x| < eps, per row (for the sparsity histogram)
+    small_per_row: torch.Tensor | None = None  # channels with |x| < eps, per row (None: already binned)
     values: torch.Tensor | None = None  # the block (what top-k entries are read from)
     rowmax: torch.Tensor | None = None  # max |x| per row, NaN as -1 (None when top-k is off)
+    merged: bool = False  # mean..absmax are the site's new values, its counters already added (compiled pass)
 
 
 def token_labels(n: int, **labels) -> list[torch.Tensor | None]:
@@ -148,16 +149,21 @@ def _tile_pass(xb: torch.Tensor, consts, binning: SymlogBinning, want_rowmax: bo
     return (mu_t, s1_t, s2_t, max_t, min_t, nz_t, sc_t), small_tok, rowmax, raw, tr
 
 
-def fast_block(xb: torch.Tensor, eps: float, binning: SymlogBinning, want_rowmax: bool) -> BlockStats | None:
+def fast_block(xb: torch.Tensor, eps: float, binning: SymlogBinning, want_rowmax: bool,
+               into: tuple[torch.Tensor, torch.Tensor] | None = None, site: tuple | None = None) -> BlockStats | None:
     """All-finite fast path; None if the block holds NaN/inf (or values whose squares overflow).
 
     Shifted sums per tile: d = x - m_t with m_t the tile's own mean, so a large common offset cannot
     cancel catastrophically. Each tile is summed in the input precision; the tiles' (mean, M2) are
     combined in float64 (the exact pooled formula). Nothing depends on earlier blocks.
+    ``into`` (a site's value and sparsity histograms): the compiled pass adds the block's to them in place
+    and leaves ``hist`` and ``small_per_row`` of the result None; given ``site`` too (see
+    ``kernel.block_pass``) it folds the whole block into the site and returns it ``merged``.
     """
     n, w = xb.shape
-    if xb.dtype == torch.float32 and kernel_available():
-        return _kernel_block(xb, eps, binning, want_rowmax)
+    if into is not None and xb.dtype == torch.float32 and kernel_available() and all(
+            t.dtype == torch.int64 and t.is_contiguous() for t in into):
+        return _kernel_block(xb, eps, binning, want_rowmax, into, site)
     consts = small_const(eps, xb.dtype)
     (mu_t, s1_t, s2_t, max_t, min_t, nz_t, sc_t), small_tok, rowmax, raw, tr = _tile_pass(
         xb, consts, binning, want_rowmax)
@@ -188,18 +194,18 @@ def fast_block(xb: torch.Tensor, eps: float, binning: SymlogBinning, want_rowmax
     )
 
 
-def _kernel_block(xb: torch.Tensor, eps: float, binning: SymlogBinning, want_rowmax: bool) -> BlockStats | None:
-    """The compiled single pass (``stats.kernel``): the same counts, extrema and keys, float64 sums."""
-    shift, half, n_raw = binning.raw_shift(xb.dtype)
-    k = block_pass(xb, float(torch.tensor(eps, dtype=torch.float32)), shift, half, n_raw)
+def _kernel_block(xb: torch.Tensor, eps: float, binning: SymlogBinning, want_rowmax: bool,
+                  into: tuple[torch.Tensor, torch.Tensor], site: tuple | None) -> BlockStats | None:
+    """The compiled single pass (``stats.kernel``): the same counts, extrema and histograms, float64 sums;
+    the histograms go straight into ``into`` (and the rest into ``site``, when given)."""
+    k = block_pass(xb, eps, binning, *into, site=site)
     if k is None:
         return None  # NaN / inf in the block: the exact path
     n = xb.shape[0]
-    bmax, bmin = k["max"].to(torch.float64), k["min"].to(torch.float64)
     return BlockStats(
-        n=n, n_finite=n, mean=k["mean"], m2=k["m2"], max=bmax, min=bmin, absmax=torch.maximum(bmax.abs(), bmin.abs()),
-        zeros=k["zeros"], small=k["small"], active=n - k["small"], nonfinite=None, hist=binning.fold(k["raw"], xb.dtype),
-        small_per_row=k["small_row"], values=xb, rowmax=k["rowmax"] if want_rowmax else None,
+        n=n, n_finite=n, mean=k["mean"], m2=k["m2"], max=k["max"], min=k["min"], absmax=k["absmax"],
+        zeros=k["zeros"], small=k["small"], active=k["active"], nonfinite=None, hist=None,
+        small_per_row=None, values=xb, rowmax=k["rowmax"] if want_rowmax else None, merged=k["merged"],
     )
 
 
