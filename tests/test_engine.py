@@ -63,6 +63,37 @@ def test_runner_matches_capture_and_selects_positions():
     assert span.positions.tolist() == [1, 2, 1, 1, 2]  # "hi" has only position 1 in the span
 
 
+def test_runner_reads_in_place_without_copying_unless_the_model_changes_the_tensor():
+    """With every token selected the runner hands sinks the site's own tensor (a view, no copy); a model that
+    later changes that tensor in place is caught by its version counter, and the batch is run again with copies,
+    so the rows are still the site's values when it was read."""
+    model = tiny_model("llama")
+    texts = ["abcdefgh", "ijklmnop"]  # equal lengths: no padding, every token selected
+    want = model.collect(texts, "resid.0", positions="all", batch_size=2).acts["resid.0"]
+    layer1 = model.hf.model.layers[1]
+
+    def triple_in_place(module, args, kwargs):
+        (args[0] if args else kwargs["hidden_states"]).mul_(3.0)  # returns None: the inputs stay, changed
+
+    handle = layer1.register_forward_pre_hook(triple_in_place, with_kwargs=True)
+    try:
+        got = model.collect(texts, ["resid.0", "resid.2"], positions="all", batch_size=1)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got.acts["resid.0"], want, rtol=0, atol=0)  # not the tripled values
+    assert not torch.allclose(got.acts["resid.2"], model.collect(texts, "resid.2", positions="all").acts["resid.2"])
+    # without any in-place change the rows share memory with the forward's own tensor: nothing was copied
+    from actlab.engine.runner import RunOptions, _Reader
+
+    reader = _Reader(["resid.0"], RunOptions(positions="all", stop_early=False))
+    reader.every_token = True
+    h = torch.randn(2, 5, 4)
+    reader("resid.0", h, None)
+    assert reader.collected["resid.0"].data_ptr() == h.data_ptr() and not reader.changed()
+    h.add_(1.0)
+    assert reader.changed()
+
+
 def cap_last(model, text):
     with model.capture("resid.0") as cap:
         model(text)

@@ -95,7 +95,7 @@ class TrainOptions:
     transcoder: bool = typer.Option(False, help="Train a transcoder: read mlp.in.i, predict mlp.i.")
     skip: bool = typer.Option(False, help="Add a linear skip connection.")
     batch_size: int = typer.Option(4096, help="Tokens per training step.")
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default: 6e-4 / sqrt(latents / 16384)).")
+    lr: Optional[float] = typer.Option(None, help="Decoder learning rate (default: 1.8e-3 / sqrt(latents / 16384); the encoder takes half, its bias a ninth).")
     seed: int = typer.Option(0, help="Seed of the initial weights and the data order.")
     device: str = DeviceOpt
     dtype: str = DtypeOpt

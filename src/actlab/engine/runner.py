@@ -154,10 +154,17 @@ class _Reader:
         self.opts = opts
         self.sel: torch.Tensor | None = None
         self.every_token = False  # sel is all true (no padding, every position): rows are the flattened batch
+        self.copy_always = False  # set once the model was seen changing a read tensor in place (see ``changed``)
         self.collected: dict[str, torch.Tensor] = {}
+        self.versions: dict[str, int] = {}
 
     def __call__(self, site: str, h: torch.Tensor, state: ForwardState) -> None:
-        if self.every_token:  # a contiguous copy is ~2x cheaper than indexing by an all-true mask
+        if self.every_token and not self.copy_always:
+            # every token is taken: the rows are the tensor itself, flattened (a view, no copy); its version
+            # counter tells afterwards whether the rest of the forward changed it in place (``changed``)
+            taken = h.reshape(-1, h.shape[-1])
+            self.versions[site] = taken._version
+        elif self.every_token:  # a contiguous copy is ~2x cheaper than indexing by an all-true mask
             taken = h.reshape(-1, h.shape[-1]).clone()
         else:
             taken = h[self.sel.to(h.device)]
@@ -168,6 +175,11 @@ class _Reader:
         self.collected[site] = taken
         if self.opts.stop_early and len(self.collected) == len(self.sites):
             raise StopForward
+
+    def changed(self) -> bool:
+        """Whether a tensor read as a view was modified in place later in the forward (its rows are then not
+        the site's values any more)."""
+        return any(self.collected[s]._version != v for s, v in self.versions.items() if s in self.collected)
 
     def batch(self, rows: list[Row], ids: torch.Tensor) -> TokenBatch:
         missing = [s for s in self.sites if s not in self.collected]
@@ -193,11 +205,15 @@ def _forward(model, reader: _Reader, rows: list[Row]) -> tuple[TokenBatch, int]:
                               f"{tuple(ids.shape)}")
     reader.sel = sel.to(torch.bool) & mask.bool()  # padding never reaches the sinks
     reader.every_token = bool(reader.sel.all())
-    reader.collected = {}
-    try:
-        model.hf(**model.forward_inputs(ids, mask))
-    except StopForward:
-        pass
+    for attempt in range(2):
+        reader.collected, reader.versions = {}, {}
+        try:
+            model.hf(**model.forward_inputs(ids, mask))
+        except StopForward:
+            pass
+        if not reader.changed():
+            break
+        reader.copy_always = True  # this model edits a read tensor in place: copy from now on, and redo this batch
     return reader.batch(rows, ids), int(mask.sum())
 
 

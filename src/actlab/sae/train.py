@@ -42,8 +42,10 @@ _BETAS, _EPS = (0.9, 0.999), 1e-8
 class SAETrainConfig(Config):
     """Options of ``train_sae``.
 
-    ``lr`` None scales with the dictionary size, 6e-4 / sqrt(n_latents / 2^14) (3x the TopK paper's
-    rule, which it can afford with ``latent_shared_adam``: see ``_Adam``); the rate warms up linearly
+    ``lr`` None scales with the dictionary size, 1.8e-3 / sqrt(n_latents / 2^14) (9x the TopK paper's
+    rule, which it can afford with ``latent_shared_adam``: see ``_Adam``); it is the decoder's rate, and
+    ``encoder_lr_scale`` / ``encoder_bias_lr_scale`` scale it for ``W_enc`` / ``b_enc`` (docs/sae.md:
+    a fast encoder bias pushes rare latents out of the top k for good); the rate warms up linearly
     over ``warmup_steps`` and decays linearly to 0 over the steps after ``decay_from`` (a fraction of
     ``steps``; 1 disables). ``aux_k`` 0 disables the AuxK loss;
     a latent is dead after ``dead_after`` tokens without firing. ``l0_coef`` and ``bandwidth`` are
@@ -67,6 +69,8 @@ class SAETrainConfig(Config):
     bandwidth: float = 0.001
     normalize_input: bool = True
     latent_shared_adam: bool = True
+    encoder_lr_scale: float = 0.5
+    encoder_bias_lr_scale: float = 1 / 9
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
@@ -74,9 +78,12 @@ class SAETrainConfig(Config):
     def validate(self) -> None:
         check_fields(self, positive_ints=("n_latents", "k", "batch_size", "steps", "dead_after", "checkpoint_every",
                                           "log_every"),
-                     positive_numbers=("aux_coef", "l0_coef", "bandwidth"), choices={"kind": TRAINABLE_KINDS})
+                     positive_numbers=("aux_coef", "l0_coef", "bandwidth", "encoder_lr_scale"), choices={"kind": TRAINABLE_KINDS})
         if self.lr is not None:
             check_fields(self, positive_numbers=("lr",))
+        bias_scale = self.encoder_bias_lr_scale
+        if isinstance(bias_scale, bool) or not isinstance(bias_scale, (int, float)) or not 0 <= bias_scale < math.inf:
+            raise ActlabError(f"encoder_bias_lr_scale must be a number >= 0 (0 keeps b_enc at 0), not {bias_scale!r}")
         for name in ("aux_k", "warmup_steps", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -88,7 +95,7 @@ class SAETrainConfig(Config):
 
     def learning_rate(self, step: int) -> float:
         """The rate at ``step`` (0-based): base, warm-up, linear decay."""
-        base = self.lr if self.lr is not None else 6e-4 / math.sqrt(self.n_latents / 2 ** 14)
+        base = self.lr if self.lr is not None else 1.8e-3 / math.sqrt(self.n_latents / 2 ** 14)
         if step < self.warmup_steps:
             base *= (step + 1) / self.warmup_steps
         start = int(self.decay_from * self.steps)
@@ -117,12 +124,14 @@ class _Adam:
     (per input / output coordinate, one for ``b_enc``) before it divides the step. Plain Adam (and signum)
     gives a latent that fires on a few tokens a step as large as a common latent's, driven by a handful of
     tokens: at higher rates such latents drift onto training-only detail and stop firing on new text
-    (docs/sae.md). Shared, a latent's step scales with its gradient, i.e. with the evidence it has."""
+    (docs/sae.md). Shared, a latent's step scales with its gradient, i.e. with the evidence it has.
+    ``scales`` multiplies the rate of the named tensors (the encoder's, ``SAETrainConfig``)."""
 
     _LATENT_AXIS = {"W_enc": 1, "b_enc": 0, "W_dec": 0}
 
-    def __init__(self, sae: SparseAutoencoder, shared: bool = True):
+    def __init__(self, sae: SparseAutoencoder, shared: bool = True, scales: dict[str, float] | None = None):
         self.params = dict(sae.named_parameters())
+        self.scales = dict(scales or {})
         # contiguous (W_enc starts as a transpose), like the tensors a checkpoint loads: the shared mean
         # then sums in the same order after a resume
         self.m = {k: torch.zeros(p.shape, dtype=p.dtype, device=p.device) for k, p in self.params.items()}
@@ -141,7 +150,7 @@ class _Adam:
             m.mul_(b1).add_(g, alpha=1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             scale = v.mean(self.axis[name], keepdim=True) if name in self.axis else v
-            p.addcdiv_(m, (scale / c2).sqrt_().add_(_EPS), value=-lr / c1)
+            p.addcdiv_(m, (scale / c2).sqrt_().add_(_EPS), value=-lr * self.scales.get(name, 1.0) / c1)
             p.grad = None
 
 
@@ -257,7 +266,9 @@ class SAETrainer:
         self.data = StepBatches(batches, d_in, config.batch_size, config.seed, d_out)
         sae = SparseAutoencoder(d_in, config.n_latents, config.kind, config.k, d_out=d_out, skip=config.skip,
                                 bandwidth=config.bandwidth, seed=config.seed)
-        self.run = _Run(sae, _Adam(sae, config.latent_shared_adam), torch.zeros(config.n_latents, dtype=torch.int64))
+        scales = {"W_enc": config.encoder_lr_scale, "b_enc": config.encoder_bias_lr_scale}
+        self.run = _Run(sae, _Adam(sae, config.latent_shared_adam, scales),
+                        torch.zeros(config.n_latents, dtype=torch.int64))
         self.run.sync = make_sync(distributed, self.data.mode)
         self.directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
         if self.directory is not None and (self.directory / CHECKPOINT_NAME).exists():
