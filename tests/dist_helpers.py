@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import traceback
 
 import torch
@@ -56,3 +58,14 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0) -> None:
     bad = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
     if bad:
         raise AssertionError(f"ranks exited abnormally (rank, exit code): {bad}")
+
+
+def torchrun_cli(args: list[str], cwd, ranks: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node ranks actlab ARGS`` on this venv's console scripts, one thread per rank."""
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([str(bin_dir / "torchrun"), "--nproc-per-node", str(ranks), "--master-port", str(free_port()),
+                           "--no-python", str(bin_dir / "actlab"), *args],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=cwd)

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from dist_helpers import free_port
+from dist_helpers import torchrun_cli
 from test_dist_stats import _docs
 
 ANALYSES = "sparsity,dead,massive,lenses,linearity"  # the ones that read the stats and the reservoir (fast)
@@ -40,12 +37,7 @@ def test_cli_profile_under_torchrun(tmp_path):
             "--analyses", ANALYSES]
     alone = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "one")], catch_exceptions=False)
     assert alone.exit_code == 0, alone.output
-    torchrun = Path(sys.executable).with_name("torchrun")
-    actlab = Path(sys.executable).with_name("actlab")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "--no-python",
-                           str(actlab), *args, "-o", str(tmp_path / "two")],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    done = torchrun_cli([*args, "-o", str(tmp_path / "two")], tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert done.stdout.count("report:") == 1  # rank 0 alone reports (and writes)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["profile.json", "report.html"]

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +13,7 @@ from actlab.files import load_tensors, save_tensors
 from actlab.stats import StatsSink
 from actlab.stats.distributed import rank_rows
 from actlab.stats.state import FIELDS
-from dist_helpers import free_port, run_ranks
+from dist_helpers import run_ranks, torchrun_cli
 from tiny_models import tiny_model
 
 SITES = "resid.*,mlp.hidden.*"
@@ -106,12 +102,7 @@ def test_cli_stats_under_torchrun(tmp_path):
     args = ["stats", "demo-gpt2", "--data", str(data), "--sites", "resid.1,mlp.hidden.0", "--batch-size", "2"]
     alone = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "one.safetensors")], catch_exceptions=False)
     assert alone.exit_code == 0, alone.output
-    torchrun = Path(sys.executable).with_name("torchrun")
-    actlab = Path(sys.executable).with_name("actlab")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "--no-python",
-                           str(actlab), *args, "-o", str(tmp_path / "two.safetensors")],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    done = torchrun_cli([*args, "-o", str(tmp_path / "two.safetensors")], tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "2 ranks" in done.stdout and done.stdout.count("wrote") == 1
     _assert_equal_states(StatsSink.load(tmp_path / "one.safetensors"), StatsSink.load(tmp_path / "two.safetensors"),

@@ -4,17 +4,13 @@ rows to float32 summation order, and a killed run resumes from rank 0's checkpoi
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from actlab.files import load_tensors, save_tensors
 from actlab.sae.train import SAETrainConfig, SAETrainer
-from dist_helpers import free_port, run_ranks
+from dist_helpers import run_ranks, torchrun_cli
 
 D = 12
 
@@ -143,14 +139,10 @@ def test_cli_sae_train_under_torchrun(tmp_path):
 
     data = tmp_path / "docs.txt"
     data.write_text("\n".join(f"Line {i}: the river ran past {i % 7} stone bridges and a mill." for i in range(64)))
-    torchrun, actlab = (Path(sys.executable).with_name(name) for name in ("torchrun", "actlab"))
-    command = [str(torchrun), "--nproc-per-node", "2", "--no-python", str(actlab), "sae", "train", "demo-gpt2",
-               "--site", "resid.1", "--data", str(data), "--tokens", "1024", "--batch-size", "128", "--k", "4",
-               "--expansion", "2", "-o", str(tmp_path / "sae")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    args = ["sae", "train", "demo-gpt2", "--site", "resid.1", "--data", str(data), "--tokens", "1024",
+            "--batch-size", "128", "--k", "4", "--expansion", "2", "-o", str(tmp_path / "sae")]
     for attempt in range(2):
-        done = subprocess.run([*command[:3], "--master-port", str(free_port()), *command[3:]], capture_output=True,
-                              text=True, env=env, timeout=300, cwd=tmp_path)
+        done = torchrun_cli(args, tmp_path)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
         assert done.stdout.count("trained resid.1") == 1  # rank 0 alone reports (and writes)
         assert f"(resumed from {8 * attempt})" in done.stdout  # 1024 tokens / 128 = 8 steps; the rerun resumes

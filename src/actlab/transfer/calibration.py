@@ -21,7 +21,7 @@ import torch
 
 from actlab.errors import ActlabError
 from actlab.interventions.base import Composition, Intervention
-from actlab.interventions.types import AffineMap, SteeringVector
+from actlab.transfer.paste import scaled_item
 
 DEFAULT_TEXTS = 64  # calibration texts, spread evenly over the profile texts ...
 DEFAULT_TOKENS = 32  # ... each cut to this many tokens, so the batch needs no padding
@@ -61,16 +61,7 @@ def mean_shift(model, edit, ids: torch.Tensor, plain: torch.Tensor | None = None
 
 def _scaled(edit: Intervention | Composition, factor: float) -> Intervention | Composition:
     """``edit`` with every additive change multiplied by ``factor`` (in the weights: coefficients stay)."""
-    out = []
-    for item in edit.edits():
-        if isinstance(item, AffineMap):
-            item = dataclasses.replace(item, bias=item.bias * factor, diag=None if item.diag is None else item.diag * factor,
-                                       U=None if item.U is None else item.U * factor)
-        elif isinstance(item, SteeringVector):
-            item = dataclasses.replace(item, vector=item.vector * factor)
-        else:
-            raise ActlabError(f"cannot scale a {item.kind} by its effect: only steering vectors and affine maps")
-        out.append(item)
+    out = [scaled_item(item, factor) for item in edit.edits()]
     return out[0] if len(out) == 1 else Composition(out)
 
 

@@ -196,6 +196,17 @@ def mean_rel_change(item: Intervention, h: torch.Tensor) -> float:
         return float(((item.coef * item.delta(h)).norm(dim=-1) / h.norm(dim=-1).clamp_min(1e-12)).mean())
 
 
+def scaled_item(item: Intervention, factor: float) -> Intervention:
+    """An additive edit with its change multiplied by ``factor``, in the weights (so coefficient 1 stays
+    "the donor's edit"): an affine map's bias, diagonal and U, a steering vector's vector."""
+    if isinstance(item, AffineMap):
+        return dataclasses.replace(item, bias=item.bias * factor, diag=None if item.diag is None else item.diag * factor,
+                                   U=None if item.U is None else item.U * factor)
+    if isinstance(item, SteeringVector):
+        return dataclasses.replace(item, vector=item.vector * factor)
+    raise ActlabError(f"cannot scale a {item.kind}: only steering vectors and affine maps")
+
+
 def calibrate_scale(donor_edit, pasted, donor_profile, recipient_profile) -> Intervention | Composition:
     """Pasted affine edits (adapters) rescaled so that their mean ‖Δ‖/‖h‖ on the recipient's profile rows equals
     the donor edit's on the donor's; steering vectors are left to the de-attenuated converters.
@@ -213,10 +224,8 @@ def calibrate_scale(donor_edit, pasted, donor_profile, recipient_profile) -> Int
             h_r = recipient_profile.acts[int(r_item.site.split(".")[1])]
             have = mean_rel_change(r_item, h_r)
             factor = mean_rel_change(d_item, h_d) / have if have > 0 else 1.0
-            r_item = dataclasses.replace(  # in the weights, so coefficient 1 stays "the donor's edit"
-                r_item, bias=r_item.bias * factor, diag=None if r_item.diag is None else r_item.diag * factor,
-                U=None if r_item.U is None else r_item.U * factor,
-                params=dict(r_item.params) | {"scale_calibration": round(factor, 4)})
+            r_item = scaled_item(r_item, factor)
+            r_item = dataclasses.replace(r_item, params=dict(r_item.params) | {"scale_calibration": round(factor, 4)})
         out.append(r_item)
     return out[0] if len(out) == 1 else Composition(out)
 
