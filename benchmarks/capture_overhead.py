@@ -25,6 +25,8 @@ from actlab.store import record
 from timing import BENCH_LLAMA, capture_batch, measure, medians
 
 ROOT = Path(__file__).resolve().parents[1]
+RUN_SHARDS = 4  # a recording of several shards, as real ones are: the write of one overlaps the next forward
+RUN_BASE, RUN_STORE = f"no-head forward x{RUN_SHARDS}", f"record resid.* to store, {RUN_SHARDS} one-batch shards"
 
 
 def bench_model(seed: int = 0) -> actlab.Model:
@@ -135,9 +137,21 @@ def main() -> None:
         sink = StatsSink({s: model.sites[s] for s in stats_sites})
         model.run(docs, stats_sites, sink, batch_size=args.batch)
 
+    scratch = tempfile.TemporaryDirectory()  # removed at the end, not inside the timed calls
+    stores = iter(range(10**9))
+
+    def fresh_dir() -> Path:
+        return Path(scratch.name) / f"store{next(stores)}"
+
     def store():
-        with tempfile.TemporaryDirectory() as tmp:
-            record(model, docs, sites, Path(tmp) / "store", batch_size=args.batch)
+        record(model, docs, sites, fresh_dir(), batch_size=args.batch)
+
+    def no_head_run():  # the baseline of a recording of several shards
+        for _ in range(RUN_SHARDS):
+            plain_no_head()
+
+    def store_run():  # one batch a shard: each shard's write overlaps the next shard's forward
+        record(model, docs * RUN_SHARDS, sites, fresh_dir(), batch_size=args.batch, shard_tokens=int(ids.numel()))
 
     print(f"model: Llama-shaped, {n_params / 1e6:.1f}M parameters, {len(sites)} resid sites; "
           f"batch {args.batch} x {args.seq} tokens; threads={args.threads}; median of {args.repeats}")
@@ -145,8 +159,10 @@ def main() -> None:
         "plain forward": plain, "plain forward, no LM head": plain_no_head,
         "capture resid.* (model.capture)": capture, "capture resid.* (runner, flat)": runner_capture,
         "record resid.* to store": store, "stats resid.* + mlp.hidden.*": stats,
+        RUN_BASE: no_head_run, RUN_STORE: store_run,
     }, args.repeats, warmup=True)
     wall, cpu = medians(wall), medians(cpu)
+    run_rows = {name: (wall.pop(name), cpu.pop(name)) for name in (RUN_BASE, RUN_STORE)}
     rows = [(name, (wall[name], cpu[name])) for name in wall]
     (base_w, base_c), (_, head_c) = rows[0][1], rows[1][1]
     print(f"{'variant':36s} {'wall ms':>8s} {'CPU ms':>8s} {'CPU vs plain':>13s} {'CPU vs no-head':>15s} {'wall vs plain':>14s}")
@@ -156,7 +172,12 @@ def main() -> None:
     print("(runner variants stop after the last requested site, so they skip the LM head: compare them with the "
           "no-head baseline too)")
 
+    (bw, bc), (sw, sc) = run_rows[RUN_BASE], run_rows[RUN_STORE]
+    print(f"{RUN_STORE}: wall {sw * 1e3:.1f} ms = {sw / bw:.3f}x, CPU {sc * 1e3:.1f} ms = {sc / bc:.3f}x "
+          f"{RUN_SHARDS} no-head forwards ({bw * 1e3:.1f} ms wall, {bc * 1e3:.1f} ms CPU; the writes run in a "
+          "second thread, so CPU counts both threads)")
     store_breakdown(store, args.repeats, head_c)
+    scratch.cleanup()
     stats_breakdown(stats, args.repeats, head_c, len(ids.reshape(-1)) * sum(model.sites[s] for s in stats_sites))
 
     peer_python = ROOT / ".bench-venv" / "bin" / "python"

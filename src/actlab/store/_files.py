@@ -54,6 +54,22 @@ def _sha256_written(path: Path) -> str:
             return hashlib.sha256(view).hexdigest()
 
 
+def _drop_from_page_cache(path: Path) -> None:
+    """Tell the kernel it may drop the (clean, fsynced) cached pages of a shard just written.
+
+    Why: a recording writes far more than it will read back soon, and on Linux a file that only grows
+    the page cache costs ~2.4 ms of kernel CPU a MB to write (measured here: 39 ms for a 16 MB file
+    against 3 ms when its pages come back free), about 10% of a forward of the benchmark model. The
+    bytes are on disk; a later read just comes from the disk. No-op where ``posix_fadvise`` is missing."""
+    if not hasattr(os, "posix_fadvise"):  # pragma: no cover - macOS, Windows
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def sha256_file(path: Path | FsPath) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -82,7 +98,9 @@ def write_tensors(path: Path | FsPath, tensors: dict, metadata: dict[str, str]) 
         path.write_atomic(data, tmp_path_for(path))
         return len(data), hashlib.sha256(data).hexdigest()
     save_tensors(path, tensors, None, metadata, tmp=tmp_path_for(path), durable=True)
-    return path.stat().st_size, _sha256_written(path)
+    size, digest = path.stat().st_size, _sha256_written(path)
+    _drop_from_page_cache(path)
+    return size, digest
 
 
 def open_shard(path: Path | FsPath):
