@@ -58,6 +58,10 @@ class LocalSync:
     def kept(self, kept: torch.Tensor) -> torch.Tensor:
         return kept
 
+    def best(self, t: torch.Tensor) -> torch.Tensor:
+        """The element-wise maximum over the ranks."""
+        return t
+
     def logged(self, loss: torch.Tensor, fvu: torch.Tensor, active: torch.Tensor, n: int) -> dict:
         return {"loss": loss.item(), "fvu": fvu.item(), "l0": active.item() / n}
 
@@ -133,6 +137,9 @@ class RankSync(LocalSync):
         low = positive.min() if positive.numel() else torch.tensor(float("inf"), dtype=kept.dtype)
         low = all_min(low.reshape(1).to(kept.dtype))
         return low if bool(torch.isfinite(low).all()) else low[:0]
+
+    def best(self, t: torch.Tensor) -> torch.Tensor:
+        return all_max(t)
 
     def logged(self, loss, fvu, active, n: int) -> dict:
         total = all_sum(torch.stack([loss.detach().double(), fvu.detach().double(), active.double(),

@@ -311,15 +311,18 @@ def pick_topk(pre: torch.Tensor, latents: torch.Tensor, k: int) -> tuple[torch.T
     return topk_code([_topk(pre.index_select(1, latents), k)], latents)
 
 
-def sparse_forward(sae: SparseAutoencoder, x: torch.Tensor, aux: tuple[torch.Tensor, int] | None = None) -> tuple:
+def sparse_forward(sae: SparseAutoencoder, x: torch.Tensor, aux: tuple[torch.Tensor, int] | None = None,
+                   revive: torch.Tensor | None = None) -> tuple:
     """A TopK / BatchTopK SAE's training forward without dense latents: ``(recon in training scale, kept values,
-    their latents, aux code, encoder input)``, the same reconstruction and gradients as
+    their latents, aux code, encoder input, gaps)``, the same reconstruction and gradients as
     ``decode_scaled(activate(pre_activations(x)), x)``. ``aux = (dead latents, k)`` also picks each row's top k
-    dead latents (the AuxK loss's code, else None). TopK makes the pre-activations a chunk of rows at a time."""
+    dead latents (the AuxK loss's code, else None). ``revive`` (latent indices) also gives, for each of them, how
+    far its best pre-activation of the batch fell short of firing (≤ 0 where it would fire; else ``gaps`` is
+    None). TopK makes the pre-activations a chunk of rows at a time."""
     with torch.no_grad():
         xc = encoder_input(sae, x)
         rows = max(1, _CHUNK // sae.n_latents) if sae.kind == "topk" else x.shape[0]
-        main, extra = [], []
+        main, extra, gaps = [], [], None
         buffer = torch.empty(min(rows, x.shape[0]), sae.n_latents, dtype=xc.dtype, device=xc.device)
         for part in xc.split(rows):
             pre = torch.addmm(sae.b_enc, part, sae.W_enc, out=buffer[:part.shape[0]])
@@ -327,18 +330,23 @@ def sparse_forward(sae: SparseAutoencoder, x: torch.Tensor, aux: tuple[torch.Ten
                 extra.append(_topk(pre.index_select(1, aux[0]), aux[1]))
             if sae.kind == "topk":
                 main.append(_topk(pre, sae.k))
+                if revive is not None:  # a latent fires where it beats the row's k-th value and 0
+                    gap = (pre.index_select(1, revive) - main[-1][0].amin(1, keepdim=True).clamp_min(0)).amax(0)
+                    gaps = gap if gaps is None else torch.maximum(gaps, gap)
         if sae.kind == "topk":
             code = topk_code(main)
         else:  # BatchTopK: the batch's k·batch largest, in row order
             n = pre.shape[1]
             values, flat = pre.view(-1).topk(min(sae.k * pre.shape[0], pre.numel()), sorted=False)
+            if revive is not None:  # here a latent fires where it beats the batch's smallest kept value and 0
+                gaps = pre.index_select(1, revive).amax(0) - values.amin().clamp_min(0)
             flat, order = flat.sort()
             crow = torch.zeros(pre.shape[0] + 1, dtype=torch.int64, device=pre.device)
             crow[1:] = torch.bincount(flat // n, minlength=pre.shape[0]).cumsum(0)
             code = (values[order], crow, flat % n)
     out, values = sparse_decode(sae, xc, code)
     return (_bias_and_skip(sae, out, x), values, code[2], topk_code(extra, aux[0]) if aux is not None else None,
-            xc)
+            xc, gaps)
 
 
 def _check_shape(d_in, n_latents, kind, k) -> None:

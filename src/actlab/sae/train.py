@@ -42,13 +42,16 @@ _BETAS, _EPS = (0.9, 0.999), 1e-8
 class SAETrainConfig(Config):
     """Options of ``train_sae``.
 
-    ``lr`` None scales with the dictionary size, 1.8e-3 / sqrt(n_latents / 2^14) (9x the TopK paper's
+    ``lr`` None scales with the dictionary size, 2.4e-3 / sqrt(n_latents / 2^14) (12x the TopK paper's
     rule, which it can afford with ``latent_shared_adam``: see ``_Adam``); it is the decoder's rate, and
     ``encoder_lr_scale`` / ``encoder_bias_lr_scale`` scale it for ``W_enc`` / ``b_enc`` (docs/sae.md:
     a fast encoder bias pushes rare latents out of the top k for good); the rate warms up linearly
     over ``warmup_steps`` and decays linearly to 0 over the steps after ``decay_from`` (a fraction of
     ``steps``; 1 disables). ``aux_k`` 0 disables the AuxK loss;
-    a latent is dead after ``dead_after`` tokens without firing. ``l0_coef`` and ``bandwidth`` are
+    a latent is dead after ``dead_after`` tokens without firing. A TopK / BatchTopK latent silent for
+    ``revive_after`` tokens (0: never) has ``b_enc`` raised, after the step, by what its best token of the
+    batch lacked to fire: a latent's bias only ever falls otherwise, and rare latents then drop out of
+    the top k for good, more so at fast rates (docs/sae.md). ``l0_coef`` and ``bandwidth`` are
     JumpReLU's sparsity weight and straight-through kernel width. ``latent_shared_adam`` False is plain
     Adam (a second moment per weight; slower rates are then needed on real activations).
     """
@@ -70,7 +73,8 @@ class SAETrainConfig(Config):
     normalize_input: bool = True
     latent_shared_adam: bool = True
     encoder_lr_scale: float = 0.5
-    encoder_bias_lr_scale: float = 1 / 9
+    encoder_bias_lr_scale: float = 1 / 12
+    revive_after: int = 16384
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
@@ -83,8 +87,8 @@ class SAETrainConfig(Config):
             check_fields(self, positive_numbers=("lr",))
         bias_scale = self.encoder_bias_lr_scale
         if isinstance(bias_scale, bool) or not isinstance(bias_scale, (int, float)) or not 0 <= bias_scale < math.inf:
-            raise ActlabError(f"encoder_bias_lr_scale must be a number >= 0 (0 keeps b_enc at 0), not {bias_scale!r}")
-        for name in ("aux_k", "warmup_steps", "seed"):
+            raise ActlabError(f"encoder_bias_lr_scale must be a number >= 0 (0 keeps b_enc at 0, unrevived), not {bias_scale!r}")
+        for name in ("aux_k", "warmup_steps", "seed", "revive_after"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ActlabError(f"{name} must be an integer >= 0, not {value!r}")
@@ -95,7 +99,7 @@ class SAETrainConfig(Config):
 
     def learning_rate(self, step: int) -> float:
         """The rate at ``step`` (0-based): base, warm-up, linear decay."""
-        base = self.lr if self.lr is not None else 1.8e-3 / math.sqrt(self.n_latents / 2 ** 14)
+        base = self.lr if self.lr is not None else 2.4e-3 / math.sqrt(self.n_latents / 2 ** 14)
         if step < self.warmup_steps:
             base *= (step + 1) / self.warmup_steps
         start = int(self.decay_from * self.steps)
@@ -213,11 +217,14 @@ def _step(run: _Run, x: torch.Tensor, y: torch.Tensor, config: SAETrainConfig) -
         pre = sae.pre_activations(x)
         z = sae.activate(pre)
         recon = sae.decode_scaled(z, x)
-        kept, on, xc = None, z.detach() > 0, encoder_input(sae, x).detach()
+        kept, on, xc, gaps = None, z.detach() > 0, encoder_input(sae, x).detach(), None
         fired, active = on.any(0), on.sum()
         aux_code = pick_topk(pre.detach(), *aux) if aux is not None else None
     else:
-        recon, kept, latents, aux_code, xc = sparse_forward(sae, x, aux)
+        revive = config.revive_after and config.encoder_bias_lr_scale > 0  # a frozen bias stays frozen
+        silent = (run.since_fired >= config.revive_after).nonzero().squeeze(1) if revive else None
+        recon, kept, latents, aux_code, xc, gaps = sparse_forward(
+            sae, x, aux, silent if silent is not None and silent.numel() else None)
         fired = torch.bincount(latents, weights=kept, minlength=sae.n_latents) > 0  # kept values are >= 0
         active = (kept > 0).sum()
     variance = run.sync.centred_sq(xs).clamp_min(1e-12)
@@ -232,6 +239,9 @@ def _step(run: _Run, x: torch.Tensor, y: torch.Tensor, config: SAETrainConfig) -
     sae.project_decoder_grad()
     run.adam.step(config.learning_rate(run.step))
     sae.normalize_decoder()
+    if kept is not None and gaps is not None:
+        with torch.no_grad():
+            sae.b_enc[silent] -= run.sync.best(gaps).clamp_max(0)
     if kept is not None:
         sae.update_threshold(run.sync.kept(kept))
     run.since_fired += run.sync.rows(x.shape[0])
