@@ -8,7 +8,7 @@ and saved to one file (work-data/sae_bench/). Every library trains the same SAE 
 TopK k = 32, batch 4,096, 4 epochs = 256 steps, one thread, batches drawn by the same per-epoch
 permutation — with its own defaults for everything else:
 
-- actlab: ``train_sae`` (its defaults: Adam with the second moment shared over latents at 1.8e-3/sqrt(n/2^14), encoder x0.5, b_enc x1/9,
+- actlab: ``train_sae`` (its defaults: Adam with the second moment shared over latents at 2.4e-3/sqrt(n/2^14), encoder x0.5, b_enc x1/12, silent latents revived,
   linear decay over the last 20%, AuxK).
 - sparsify (eai-sparsify): its ``Trainer.fit`` step mirrored on a raw tensor (``run_sparsify``: the Trainer
   wants a model and a token dataset); its default optimizer is signum (schedule-free SignSGD).
