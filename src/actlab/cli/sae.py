@@ -95,7 +95,9 @@ class TrainOptions:
     transcoder: bool = typer.Option(False, help="Train a transcoder: read mlp.in.i, predict mlp.i.")
     skip: bool = typer.Option(False, help="Add a linear skip connection.")
     batch_size: int = typer.Option(4096, help="Tokens per training step.")
-    lr: Optional[float] = typer.Option(None, help="Decoder learning rate (default: 1.8e-3 / sqrt(latents / 16384); the encoder takes half, its bias a ninth).")
+    lr: Optional[float] = typer.Option(None, help="Decoder learning rate (default: 2.4e-3 / sqrt(latents / 16384); the encoder takes half, its bias a twelfth).")
+    revive_after: Optional[int] = typer.Option(None, help="Raise the encoder bias of a latent silent for this many "
+                                               "tokens until it fires (default 16384; 0: never; docs/sae.md).")
     seed: int = typer.Option(0, help="Seed of the initial weights and the data order.")
     device: str = DeviceOpt
     dtype: str = DtypeOpt
@@ -117,6 +119,7 @@ def sae_train(o: TrainOptions):
                           (o.tokens, "--tokens")):
         at_least(value, 1, option)
     positive(o.lr, "--lr")
+    at_least(o.revive_after, 0, "--revive-after")
     if o.store is not None and o.data is not None:
         raise ActlabError("give --data or --store, not both")
     with init() as rank:  # under torchrun: data-parallel over the ranks, rank 0 writes (sae/distributed.py)
@@ -134,7 +137,8 @@ def _train(o: TrainOptions, rank) -> None:
 
         store = Store(o.store)
     plan = TrainPlan(o.site, o.expansion, o.tokens, o.transcoder)
-    options = dict(kind=o.kind, k=o.k, batch_size=o.batch_size, lr=o.lr, seed=o.seed, skip=o.skip)
+    options = dict(kind=o.kind, k=o.k, batch_size=o.batch_size, lr=o.lr, seed=o.seed, skip=o.skip,
+                   **({} if o.revive_after is None else {"revive_after": o.revive_after}))
     sites = m.resolve([o.site])
     if len(sites) > 1:
         if rank.world_size > 1:
@@ -176,6 +180,10 @@ def sae_eval(
 
     at_least(max_tokens, 2, "--max-tokens")
     loaded, where, m = _open(sae, model, site, device, dtype)
+    if spliced and not m.has_lm_head:
+        console.print(f"note: {escape(m.name)} has no language-model head, so the spliced loss is skipped "
+                      "(reconstruction and sparsity only)")
+        spliced = False
     metrics = evaluate_on_model(m, loaded, where, texts=_texts(data), max_tokens=max_tokens, spliced=spliced,
                                 progress=True)
     table = Table(title=f"{escape(str(sae))} on {m.name} {where}")
