@@ -261,3 +261,13 @@ def _train_order(n: int, val_fraction: float = 0.2, seed: int = 0) -> list[int]:
     order = list(range(n))
     random.Random(seed).shuffle(order)
     return order[int(round(n * val_fraction)):]
+
+
+def test_a_given_basis_keeps_R_inside_it(wide_llama):
+    data = pattern_pairs(40)
+    basis = torch.linalg.qr(torch.randn(32, 8, generator=torch.Generator().manual_seed(5)))[0].T.contiguous()  # [8, 32]
+    adapter = train_adapter(wide_llama, data, "resid.1", rank=4, steps=40, lr=0.05, seed=0, basis=basis)
+    assert adapter.params["val_loss"] < adapter.params["val_loss_before"]
+    assert torch.allclose(adapter.R @ basis.T @ basis, adapter.R, atol=1e-4)  # R never left the given directions
+    with pytest.raises(ActlabError, match=r"basis must be \[m, 32\]"):
+        train_adapter(wide_llama, data, "resid.1", rank=4, basis=basis[:2])

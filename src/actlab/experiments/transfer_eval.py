@@ -105,6 +105,7 @@ class TransferEvalConfig(Config):
     steps: int = DEFAULT_STEPS
     adapter_batch_size: int = 8
     adapter_subspace: int | None = None  # AdapterConfig.subspace (None: its default)
+    adapter_shared_subspace: int = 0  # m > 0: the donor adapter's R inside the m directions the recipient follows best
     donor_site: str | None = None
     n_fit: int = DEFAULT_FIT_PAIRS
     coef: float | None = None
@@ -143,6 +144,9 @@ class TransferEvalConfig(Config):
                               f"not {self.profile_contrast!r}")
         if self.n_random < 1:
             raise ActlabError(f"n_random must be at least 1, not {self.n_random}")
+        shared = self.adapter_shared_subspace
+        if isinstance(shared, bool) or not isinstance(shared, int) or shared < 0:
+            raise ActlabError(f"adapter_shared_subspace is a number of directions (0: anywhere), not {shared!r}")
 
     @property
     def resolved_coef(self) -> float:
@@ -217,8 +221,10 @@ def _donor_site(donor, recipient, config: TransferEvalConfig) -> str:
 
 
 # --------------------------------------------------------------------------------- the steps
-def make_behaviour(model, site: str, data: EvalData, config: TransferEvalConfig) -> tuple[Any, float, str]:
-    """``(intervention, seconds, how it was made)``: the genre behaviour made in ``model`` at ``site``."""
+def make_behaviour(model, site: str, data: EvalData, config: TransferEvalConfig,
+                   basis=None) -> tuple[Any, float, str]:
+    """``(intervention, seconds, how it was made)``: the genre behaviour made in ``model`` at ``site`` (an
+    adapter inside ``basis`` when given)."""
     from actlab.interventions.adapter_train import train_adapter
     from actlab.interventions.fit import fit_steering
 
@@ -228,10 +234,22 @@ def make_behaviour(model, site: str, data: EvalData, config: TransferEvalConfig)
         method = "fit_steering (mean-diff)"
     else:
         edit = train_adapter(model, data.adapter_data, site, rank=config.rank, steps=config.steps,
-                             batch_size=config.adapter_batch_size, seed=config.seed,
+                             batch_size=config.adapter_batch_size, seed=config.seed, basis=basis,
                              **({} if config.adapter_subspace is None else {"subspace": config.adapter_subspace}))
         method = f"train_adapter (rank {config.rank}, {edit.params.get('steps_run')} steps run)"
     return edit, time.perf_counter() - start, method
+
+
+def _shared_basis(donor, recipient, donor_site: str, data: EvalData, config: TransferEvalConfig):
+    """The donor adapter's directions under ``adapter_shared_subspace`` (None: anywhere)."""
+    if config.kind != "adapter" or not config.adapter_shared_subspace:
+        return None
+    from actlab.transfer.paste import shared_basis
+    from actlab.transfer.pipeline import fit_between
+
+    converters = fit_between(donor, recipient, data.profile_prompts, positions=data.positions,
+                             cache_dir=config.cache_dir, lambdas=config.converter_lambdas, min_lambda=0.0)
+    return shared_basis(converters, int(donor_site.split(".")[1]), config.adapter_shared_subspace)
 
 
 def _paste(donor, recipient, donor_edit, data: EvalData, config: TransferEvalConfig) -> PasteResult:
@@ -308,7 +326,8 @@ def evaluate_transfer(donor, recipient, config: TransferEvalConfig | None = None
     timings: dict[str, Any] = {}
     n_steps = 7 + (2 if config.donor_check else 0)
     with progress_bar(f"Command-V {config.kind} evaluation", n_steps, unit="steps", enabled=progress) as bar:
-        donor_edit, timings["donor_fit"], _ = make_behaviour(donor, donor_site, data, config)
+        donor_edit, timings["donor_fit"], _ = make_behaviour(donor, donor_site, data, config,
+                                                             _shared_basis(donor, recipient, donor_site, data, config))
         bar.advance()
         transfer = _paste(donor, recipient, donor_edit, data, config)
         bar.advance()

@@ -199,14 +199,15 @@ class _Loop:
 
 
 def train_adapter(model, data, site: str, config: AdapterConfig | None = None, *, progress: bool = False,
-                  **overrides) -> LowRankAdapter:
+                  basis: torch.Tensor | None = None, **overrides) -> LowRankAdapter:
     """Train a rank-``rank`` LoReFT adapter at ``site`` on texts or (prompt, completion) pairs.
 
     Options: ``config`` and/or keywords of :class:`AdapterConfig` (``rank``, ``steps``, ``lr``,
     ``batch_size``, ...). Returns the adapter with the lowest held-out loss; ``params`` records
     ``rank``, ``steps_run``, ``best_step``, ``val_loss`` (best), ``val_loss_before`` (the model
     without adapter), ``train_seconds``, ``n_examples`` (and the train / held-out split), ``data``
-    ("texts" or "pairs"), the optimiser settings and the whole ``config``.
+    ("texts" or "pairs"), the optimiser settings and the whole ``config``. ``basis`` ([m, width], orthonormal
+    rows) keeps ``R`` inside the given directions instead (e.g. ``transfer.paste.shared_basis``).
     """
     if not model.has_lm_head:
         raise ActlabError(f"{model.sitemap.model_class} has no language-model head: adapters are trained with "
@@ -221,7 +222,13 @@ def train_adapter(model, data, site: str, config: AdapterConfig | None = None, *
     train, val = _split(examples, config, rng)
     if config.subspace > adapter.width:
         raise ActlabError(f"subspace ({config.subspace}) cannot exceed the width of '{adapter.site}' ({adapter.width})")
-    basis = principal_basis(model, adapter.site, train, config.subspace) if config.subspace else None
+    if basis is not None:
+        basis = torch.as_tensor(basis, dtype=torch.float32)
+        if basis.ndim != 2 or basis.shape[1] != adapter.width or not adapter.rank <= basis.shape[0]:
+            raise ActlabError(f"basis must be [m, {adapter.width}] with m >= the rank ({adapter.rank}), not "
+                              f"{list(basis.shape)}")
+    elif config.subspace:
+        basis = principal_basis(model, adapter.site, train, config.subspace)
     leaves = _Trainable(adapter, model.device, config, basis)
     loop = _Loop(model, leaves, config, kind == "pairs", rng)
     start = time.perf_counter()

@@ -76,6 +76,22 @@ def _round_trip(converters: ConverterSet, donor_layer: int,
     return Q, evals, evecs
 
 
+def shared_basis(converters: ConverterSet, donor_layer: int, m: int) -> torch.Tensor:
+    """[m, d_D]: the donor directions the recipient follows best (orthonormal rows), the top-``m``
+    eigenvectors of the round trip u ↦ u C_DR C_RD over the whole donor space. A donor edit kept inside
+    them writes where the converters can carry it (docs/transfer.md, session 23)."""
+    if donor_layer not in converters.layer_map:
+        raise ActlabError(f"no converter for donor layer {donor_layer}; converters cover donor layers "
+                          f"{sorted(converters.layer_map)}")
+    C_dr = converters.to_recipient[donor_layer].weight.double()
+    C_rd = converters.to_donor[donor_layer].weight.double()
+    K = C_dr @ C_rd
+    if not 1 <= m <= K.shape[0]:
+        raise ActlabError(f"a shared subspace needs 1 to {K.shape[0]} directions, not {m}")
+    evals, evecs = torch.linalg.eigh((K + K.T) / 2)
+    return evecs[:, evals.argsort(descending=True)[:m]].T.float().contiguous()
+
+
 def shared_correlations(converters: ConverterSet, donor_layer: int, directions: torch.Tensor) -> list[float]:
     """√ of the round trip u ↦ u C_DR C_RD's eigenvalues on the span of ``directions``: per direction, how
     much of the donor's variation there the recipient follows (1 under a change of basis; for one variable

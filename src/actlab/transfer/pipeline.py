@@ -91,6 +91,26 @@ def _profile(model, prompts: Sequence[str], positions: str, config: PasteConfig,
     return prof, time.perf_counter() - start
 
 
+def _fit_between(donor, recipient, prompts: list[str], config: PasteConfig, progress: bool):
+    positions, note = resolve_positions(config.positions, donor, recipient, prompts)
+    d_prof, d_seconds = _profile(donor, prompts, positions, config, progress)
+    r_prof, r_seconds = _profile(recipient, prompts, positions, config, progress)
+    converters = fit_converters(d_prof, r_prof, layer_map=config.layer_map, lambdas=config.lambdas,
+                                min_lambda=config.min_lambda)
+    return (d_prof, r_prof, converters), positions, note, (d_seconds, r_seconds)
+
+
+def fit_between(donor, recipient, prompts: Sequence[str] | None = None, config: PasteConfig | None = None, *,
+                progress: bool = False, **overrides) -> ConverterSet:
+    """The converters ``paste_between`` would fit (the same profiles, cache and λ), before any edit exists:
+    what a donor edit made with the recipient in view (``shared_basis``) needs first."""
+    from actlab.datasets import profile_texts
+
+    config = PasteConfig.with_overrides(config, overrides)
+    prompts = profile_texts() if prompts is None else list(prompts)
+    return _fit_between(donor, recipient, prompts, config, progress)[0][2]
+
+
 def paste_between(donor, recipient, donor_edit: Intervention | Composition, prompts: Sequence[str] | None = None,
                   config: PasteConfig | None = None, *, progress: bool = False, **overrides) -> PasteResult:
     """Profile both models on ``prompts`` (default ``actlab.datasets.profile_texts()``), fit converters and
@@ -99,11 +119,8 @@ def paste_between(donor, recipient, donor_edit: Intervention | Composition, prom
 
     config = PasteConfig.with_overrides(config, overrides)
     prompts = profile_texts() if prompts is None else list(prompts)
-    positions, note = resolve_positions(config.positions, donor, recipient, prompts)
-    d_prof, d_seconds = _profile(donor, prompts, positions, config, progress)
-    r_prof, r_seconds = _profile(recipient, prompts, positions, config, progress)
-    converters = fit_converters(d_prof, r_prof, layer_map=config.layer_map, lambdas=config.lambdas,
-                                min_lambda=config.min_lambda)
+    (d_prof, r_prof, converters), positions, note, (d_seconds, r_seconds) = _fit_between(
+        donor, recipient, prompts, config, progress)
     start = time.perf_counter()
     pasted = paste(donor_edit, converters, recipient, deattenuate=config.deattenuate, max_gain=config.max_gain)
     if config.calibrate:
