@@ -67,7 +67,7 @@ def profile_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llama_to_gpt2(profile_cache) -> TransferEvaluation:
     # defaults: scripture contrast passages of the evaluation split, donor resid.1 → recipient resid.2,
-    # coefficient 0.5, 40 prompts × 4 samples, all-token profiles of the 823 profile texts, λ ≥ 0.1; ~30 s
+    # coefficient 0.5, 40 prompts × 4 samples, all-token profiles of the 920 profile texts, λ ≥ 0.1; ~30 s
     return evaluate_transfer(demo("demo-llama"), demo("demo-gpt2"), kind="vector", donor_check=False,
                              n_eval_prompts=40, cache_dir=profile_cache)
 

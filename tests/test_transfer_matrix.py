@@ -22,7 +22,7 @@ def test_tuning_and_evaluation_data_are_disjoint_and_apart_from_the_profile():
     for genre in genres.GENRES:
         a, b = split_passages(genre, "tune"), split_passages(genre, "eval")
         assert len(a) == len(b) == 100 and not set(a) & set(b)
-        assert not (set(a) | set(b)) & profile  # the profile holds the third part of the passages
+        assert not (set(a) | set(b)) & profile  # the profile is documents of the training text
         for split in SPLITS:
             c = passage_contrast(genre, split, seed=0)
             assert len(c.pos) == len(c.neg) == 64 and set(c.pos) <= set(split_passages(genre, split))

@@ -6,14 +6,15 @@ from importlib import resources
 
 from actlab.errors import ActlabError
 
-__all__ = ["default_prompts", "profile_texts", "training_text", "PROFILE_PART", "N_PARTS"]
+__all__ = ["default_prompts", "profile_texts", "training_text", "PROFILE_DOCS", "PROFILE_PART", "N_PARTS"]
 
 # The bundled held-out genre passages are split three ways by position (row i goes to part i % 3):
-# part 0 is profile text (Command-V), parts 1 and 2 are the tuning and evaluation contrast texts of the
-# genre experiments (``actlab.experiments.genre_data``). Kept here so the library default and the
-# experiments agree on what is profile text.
+# parts 1 and 2 are the tuning and evaluation contrast texts of the genre experiments
+# (``actlab.experiments.genre_data``); part 0 was the Command-V profile text until session 23 and is
+# kept out of both, so the two splits stay what they were.
 N_PARTS = 3
 PROFILE_PART = 0
+PROFILE_DOCS = 920  # the Command-V profile: this many documents spaced evenly through the training text
 
 
 def training_text(split: str = "train", genre: str | None = None) -> list[str]:
@@ -40,14 +41,10 @@ def default_prompts() -> list[str]:
 
 
 def profile_texts() -> list[str]:
-    """The default Command-V profile set: the bundled prompts plus every third bundled held-out passage
-    of each demo genre (part ``PROFILE_PART``; 100 × 40-token passages per genre): ~820 texts, ~27k
-    tokens. Why: converters fitted on the ~320 short prompts alone see too few rows and too little
-    register variety (a pasted genre vector then points only half the right way; docs/transfer.md).
-    Deterministic order, no duplicates."""
-    from actlab.datasets import genres
-
-    texts = default_prompts()
-    for genre in genres.GENRES:
-        texts += [row["text"] for row in genres.heldout(genre)[PROFILE_PART::N_PARTS]]
-    return list(dict.fromkeys(t.strip() for t in texts if t.strip()))
+    """The default Command-V profile set: ``PROFILE_DOCS`` documents spaced evenly through the bundled
+    training text (``training_text("train")``: the five genres in equal shares), ~106k tokens. Why: the
+    same text SAEs and the browser use, four times the rows of the earlier prompt-and-passage set (823
+    texts, 27k tokens), and on the tuning split as good for pasted vectors and adapters with a smaller
+    random control (docs/transfer.md, session 23). Deterministic order."""
+    docs = training_text("train")
+    return docs[:: max(1, len(docs) // PROFILE_DOCS)][:PROFILE_DOCS]

@@ -2,11 +2,11 @@
 
 Everything comes from the bundled sets (``actlab.datasets.genres``): steering data are the first
 ``n_fit`` contrast pairs toward a genre, evaluation prompts are prompts of the *other* pairs, the
-perplexity texts are lines of ``neutral.txt``, and the Command-V profile prompts are the bundled prompt
-set plus a third of the held-out passages (``actlab.datasets.profile_texts``).
+perplexity texts are lines of ``neutral.txt``, and the Command-V profile prompts are documents of the
+bundled training text (``actlab.datasets.profile_texts``).
 
 The Command-V matrix (``split_setup``) keeps a *tuning* split apart from the *evaluation* split: the
-held-out passages are cut in three by position (profile / tune / eval) and the pair prompts in two by
+held-out passages are cut in three by position (unused / tune / eval) and the pair prompts in two by
 hash; every default is chosen on "tune" and reported on "eval".
 """
 

@@ -28,7 +28,7 @@ behaviour — steering generations toward a target genre — with every piece of
 Data (``genre_data.split_setup``): contrast texts as a user brings them — ``n_fit`` bundled passages of
 the target genre against as many of the other genres, drawn by ``seed`` from ``split`` ("tune" for
 choosing settings, "eval" for reporting) — and ``n_eval_prompts`` pair prompts of the same split; the
-profile texts (``actlab.datasets.profile_texts``) are a third part of the passages, disjoint from both.
+profile texts (``actlab.datasets.profile_texts``) are documents of the training text, apart from both.
 Defaults are the library's and the CLI's (``paste_between``): positions "auto", λ ≥ 0.1, de-attenuation
 capped at 1.5, adapters calibrated to the donor's relative size. Coefficient 0.5 for vectors (the issue's
 setting) and 1 for adapters; 80 prompts × 4 samples × 24 tokens.
