@@ -110,10 +110,13 @@ def _steer(donor, quick: bool, console: Console) -> Section:
 
 def _paste(donor, recipient, out: Path, quick: bool, console: Console) -> Section:
     """Command-V: paste the vector into the recipient and compare with its own and a random one."""
+    from actlab.datasets import profile_texts
     from actlab.experiments.transfer_eval import evaluate_transfer
 
+    # quick: a quarter of the profile documents (27k tokens), for a faster check of the same path
     transfer = evaluate_transfer(donor, recipient, kind="vector", target_genre=GENRE, progress=True,
-                                 n_eval_prompts=16 if quick else 32, samples_per_prompt=2, cache_dir=out / "cache")
+                                 n_eval_prompts=16 if quick else 32, samples_per_prompt=2, cache_dir=out / "cache",
+                                 profile_prompts=profile_texts()[::4] if quick else None)
     for line in transfer.summary_lines():
         console.print(line)
     c = transfer.conditions
