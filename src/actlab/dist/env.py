@@ -103,8 +103,13 @@ def init(backend: str | None = None) -> Iterator[Rank]:
     dist.init_process_group(backend or default_backend(), rank=env.rank, world_size=env.world_size)
     try:
         yield env
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # leave together: a rank that tears gloo down while another still talks to it (rank 0 writing the
+    # output) could abort at exit ("terminate called without an active exception", 1 run in 3)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def barrier() -> None:
