@@ -11,6 +11,7 @@ sites is timed there by benchmarks/peer_capture.py and printed beside ours.
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import tempfile
@@ -138,7 +139,7 @@ def main() -> None:
         model.run(docs, stats_sites, sink, batch_size=args.batch)
 
     scratch = tempfile.TemporaryDirectory()  # removed at the end, not inside the timed calls
-    stores = iter(range(10**9))
+    stores = itertools.count()
 
     def fresh_dir() -> Path:
         return Path(scratch.name) / f"store{next(stores)}"

@@ -221,10 +221,11 @@ def _step(run: _Run, x: torch.Tensor, y: torch.Tensor, config: SAETrainConfig) -
         fired, active = on.any(0), on.sum()
         aux_code = pick_topk(pre.detach(), *aux) if aux is not None else None
     else:
-        revive = config.revive_after and config.encoder_bias_lr_scale > 0  # a frozen bias stays frozen
-        silent = (run.since_fired >= config.revive_after).nonzero().squeeze(1) if revive else None
-        recon, kept, latents, aux_code, xc, gaps = sparse_forward(
-            sae, x, aux, silent if silent is not None and silent.numel() else None)
+        silent = None
+        if config.revive_after and config.encoder_bias_lr_scale > 0:  # a frozen bias stays frozen
+            silent = (run.since_fired >= config.revive_after).nonzero().squeeze(1)
+            silent = silent if silent.numel() else None
+        recon, kept, latents, aux_code, xc, gaps = sparse_forward(sae, x, aux, silent)
         fired = torch.bincount(latents, weights=kept, minlength=sae.n_latents) > 0  # kept values are >= 0
         active = (kept > 0).sum()
     variance = run.sync.centred_sq(xs).clamp_min(1e-12)
@@ -239,7 +240,7 @@ def _step(run: _Run, x: torch.Tensor, y: torch.Tensor, config: SAETrainConfig) -
     sae.project_decoder_grad()
     run.adam.step(config.learning_rate(run.step))
     sae.normalize_decoder()
-    if kept is not None and gaps is not None:
+    if gaps is not None:  # the sparse path's silent latents (sparse_forward)
         with torch.no_grad():
             sae.b_enc[silent] -= run.sync.best(gaps).clamp_max(0)
     if kept is not None:

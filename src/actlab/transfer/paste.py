@@ -83,13 +83,11 @@ def shared_basis(converters: ConverterSet, donor_layer: int, m: int) -> torch.Te
     if donor_layer not in converters.layer_map:
         raise ActlabError(f"no converter for donor layer {donor_layer}; converters cover donor layers "
                           f"{sorted(converters.layer_map)}")
-    C_dr = converters.to_recipient[donor_layer].weight.double()
-    C_rd = converters.to_donor[donor_layer].weight.double()
-    K = C_dr @ C_rd
-    if not 1 <= m <= K.shape[0]:
-        raise ActlabError(f"a shared subspace needs 1 to {K.shape[0]} directions, not {m}")
-    evals, evecs = torch.linalg.eigh((K + K.T) / 2)
-    return evecs[:, evals.argsort(descending=True)[:m]].T.float().contiguous()
+    width = converters.to_recipient[donor_layer].weight.shape[0]
+    if not 1 <= m <= width:
+        raise ActlabError(f"a shared subspace needs 1 to {width} directions, not {m}")
+    Q, evals, evecs = _round_trip(converters, donor_layer, torch.eye(width))
+    return (Q @ evecs[:, evals.argsort(descending=True)[:m]]).T.float().contiguous()
 
 
 def shared_correlations(converters: ConverterSet, donor_layer: int, directions: torch.Tensor) -> list[float]:
