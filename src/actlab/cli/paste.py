@@ -16,6 +16,7 @@ from actlab.cli import (
 from actlab.errors import ActlabError
 
 POSITIONS = ("auto", "all", "last")  # actlab.transfer.profiles.POSITIONS (not imported here: it pulls in torch)
+ADAPTER_PASTES = ("effect", "weights")  # actlab.transfer.pipeline.ADAPTER_PASTES (likewise)
 EFFECT_COLUMNS = ("donor site", "recipient site", "kind", "held-out R² R→D", "held-out R² D→R", "|Δ|/|h| donor",
                   "|Δ|/|h| pasted", "expected ratio")
 
@@ -79,6 +80,12 @@ def _print_paste(result, intervention: Path, donor: str, recipient: str, n_promp
     for item in result.pasted.edits():
         gains = item.params.get("deattenuation", {}).get("gains")
         shared = item.params.get("shared_correlations") or []
+        if item.params.get("method") == "effect":
+            console.print(f"{item.site}: pasted by its effect on the last layer ({item.params['donor_site']} of the donor): "
+                          f"the fitted edit reproduces {item.params['effect_r2']:.0%} of the mapped donor change on held-out "
+                          f"rows; expected effect ratio {item.params['expected_ratio']:.2f} of the recipient's own "
+                          "(docs/transfer.md)")
+            continue
         if gains:
             console.print(f"{item.site}: de-attenuation gains {', '.join(f'{g:.2f}' for g in gains)} (cap {max_gain:g})")
         console.print(f"{item.site}: expected effect ratio {item.params.get('expected_ratio', 1.0):.2f} of the recipient's "
@@ -111,6 +118,9 @@ class PasteRunOptions:
     max_gain: float = MaxGainOpt
     calibrate: bool = typer.Option(True, help="Give pasted adapters / affine maps the donor edit's size relative to "
                                               "the stream (steering vectors are left to the converters).")
+    adapter_paste: str = typer.Option("effect", help="Adapters / affine maps: effect (an edit of the recipient's last "
+                                                     "layer fitted to the donor edit's change there) or weights (the "
+                                                     "closed-form paste at the matched layer). See docs/transfer.md.")
     device: str = DeviceOpt
     dtype: str = DtypeOpt
 
@@ -120,6 +130,7 @@ def _check_paste_run(o: PasteRunOptions) -> None:
     from actlab.io import check_output_dir, check_output_file
 
     one_of(o.positions, POSITIONS, "--positions")
+    one_of(o.adapter_paste, ADAPTER_PASTES, "--adapter-paste")
     at_least(o.max_gain, 1, "--max-gain")
     at_least(o.min_lambda, 0, "--min-lambda")
     check_output_file(o.out)
@@ -144,7 +155,7 @@ def paste_run(o: PasteRunOptions):
     floor = {} if o.min_lambda is None else {"min_lambda": o.min_lambda}
     result = paste_between(d_model, r_model, donor_edit, texts, positions=o.positions, cache_dir=o.cache_dir,
                            layer_map=mapping, deattenuate=o.deattenuate, max_gain=o.max_gain, calibrate=o.calibrate,
-                           progress=True, **floor)
+                           adapter_paste=o.adapter_paste, progress=True, **floor)
     if o.converters_out is not None:
         result.converters.save(o.converters_out)
     result.pasted.save(o.out)

@@ -11,6 +11,7 @@ of that size — which is what the control is for.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -65,17 +66,21 @@ class RandomControls:
 
 
 def random_controls(donor_edit: Intervention, pasted: Intervention, converters, recipient, h_r: torch.Tensor, *,
-                    n_random: int, seed: int, deattenuate: bool, max_gain: float) -> RandomControls:
-    """``n_random`` random donor interventions pasted like ``donor_edit`` and matched to ``pasted``'s size on
-    the recipient profile rows ``h_r`` (module docstring)."""
+                    n_random: int, seed: int, deattenuate: bool = True, max_gain: float = 1.5,
+                    paste_fn: Callable[[Intervention], Intervention] | None = None) -> RandomControls:
+    """``n_random`` random donor interventions pasted like ``donor_edit`` (``paste_fn``; default the closed-form
+    paste with these converters) and matched to ``pasted``'s size on the recipient profile rows ``h_r`` at its
+    site (module docstring)."""
     from actlab.transfer.paste import paste
 
+    if paste_fn is None:
+        def paste_fn(item: Intervention) -> Intervention:
+            return paste(item, converters, recipient, deattenuate=deattenuate, max_gain=max_gain)
     target_size = mean_delta_norm(pasted, h_r)
     randoms: list[Intervention] = []
     raw_sizes: list[float] = []
     for j in range((n_random + 1) // 2):
-        rnd = paste(random_in_donor(donor_edit, seed + 7919 * (j + 1)), converters, recipient,
-                    deattenuate=deattenuate, max_gain=max_gain)
+        rnd = paste_fn(random_in_donor(donor_edit, seed + 7919 * (j + 1)))
         size = mean_delta_norm(rnd, h_r)
         raw_sizes.append(size)
         rnd = rnd.scaled(target_size / size if size > 0 else 1.0)

@@ -115,6 +115,7 @@ class TransferEvalConfig(Config):
     max_gain: float = DEFAULT_MAX_GAIN
     calibrate: bool = True  # pasted adapters: match the donor edit's size relative to the stream
     calibrate_effect: str | None = None  # pasted adapters: "shift" / "kl" match the donor edit's effect on the predictions
+    adapter_paste: str = "effect"  # adapters: PasteConfig.adapter_paste ("effect" at the last layer, or "weights")
     profile_prompts: Sequence[str] | None = None
     profile_contrast: int = 0  # also profile the contrast texts, this many times (converters that see the behaviour's data)
     converter_lambdas: Sequence[float] | None = PASTE_LAMBDAS  # None: fit_converters' whole grid
@@ -257,7 +258,19 @@ def _paste(donor, recipient, donor_edit, data: EvalData, config: TransferEvalCon
     return paste_between(donor, recipient, donor_edit, data.profile_prompts, positions=data.positions,
                          cache_dir=config.cache_dir, lambdas=config.converter_lambdas, min_lambda=0.0,
                          deattenuate=config.deattenuate, max_gain=config.max_gain, calibrate=config.calibrate,
-                         calibrate_effect=config.calibrate_effect)
+                         calibrate_effect=config.calibrate_effect, adapter_paste=config.adapter_paste)
+
+
+def _control_paste(donor, recipient, transfer: PasteResult, config: TransferEvalConfig):
+    """How a random donor edit is pasted for the control: the way the donor's own edit was."""
+    from actlab.transfer.effect_paste import paste_effect
+    from actlab.transfer.paste import paste
+
+    if transfer.pasted.params.get("method") == "effect":
+        return lambda item: paste_effect(donor, recipient, item, transfer.converters, transfer.donor_profile,
+                                         transfer.recipient_profile, calibrate=False)
+    return lambda item: paste(item, transfer.converters, recipient, deattenuate=config.deattenuate,
+                              max_gain=config.max_gain)
 
 
 def _adapter_summary(adapter: LowRankAdapter) -> dict[str, Any]:
@@ -276,10 +289,11 @@ def diagnostics(kind: str, donor_edit, transfer: PasteResult, direct, controls: 
     h_r = transfer.recipient_profile.acts[int(pasted.site.split(".")[1])]
     out: dict[str, Any] = {
         "donor_rel_change": mean_rel_change(donor_edit, h_d), "pasted_rel_change": mean_rel_change(pasted, h_r),
-        "direct_rel_change": mean_rel_change(direct, h_r),
+        "direct_rel_change": mean_rel_change(direct, transfer.recipient_profile.acts[int(direct.site.split(".")[1])]),
         "random_raw_size_over_pasted": [s / controls.target_size for s in controls.raw_sizes],
         "random_draw_effects": random_draws,
-        "pasted_mean_delta_norm": controls.target_size, "direct_mean_delta_norm": mean_delta_norm(direct, h_r),
+        "pasted_mean_delta_norm": controls.target_size,
+        "direct_mean_delta_norm": mean_delta_norm(direct, transfer.recipient_profile.acts[int(direct.site.split(".")[1])]),
         "expected_ratio": pasted.params.get("expected_ratio"),
         "shared_correlations": pasted.params.get("shared_correlations"),
         "scale_calibration": pasted.params.get("scale_calibration"),
@@ -332,11 +346,13 @@ def evaluate_transfer(donor, recipient, config: TransferEvalConfig | None = None
         transfer = _paste(donor, recipient, donor_edit, data, config)
         bar.advance()
         pasted = transfer.pasted
-        direct, timings["direct_fit"], timings["direct_method"] = make_behaviour(recipient, pasted.site, data, config)
+        # the recipient's own edit sits at the layer matched to the donor's (where a closed-form paste lands)
+        direct_site = f"resid.{transfer.converters.layer_map[int(donor_site.split('.')[1])]}"
+        direct, timings["direct_fit"], timings["direct_method"] = make_behaviour(recipient, direct_site, data, config)
         bar.advance()
         h_r = transfer.recipient_profile.acts[int(pasted.site.split(".")[1])]
         controls = random_controls(donor_edit, pasted, transfer.converters, recipient, h_r, n_random=config.n_random,
-                                   seed=config.seed, deattenuate=config.deattenuate, max_gain=config.max_gain)
+                                   seed=config.seed, paste_fn=_control_paste(donor, recipient, transfer, config))
         edits = {"none": None, "random": [r * coef for r in controls.edits], "pasted": pasted * coef,
                  "direct": direct * coef}
         conds, ratios, draws = score_recipient(recipient, config.target_genre, scoring, edits, config.seed, bar)

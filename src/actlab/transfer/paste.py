@@ -254,8 +254,12 @@ def predicted_effect(donor_edit, pasted, donor_profile, recipient_profile, conve
     for d_item, r_item in zip(donor_edit.edits(), pasted.edits()):
         d_layer, r_layer = int(d_item.site.split(".")[1]), int(r_item.site.split(".")[1])
         h_d, h_r = donor_profile.acts[d_layer], recipient_profile.acts[r_layer]
+        donor_rel = mean_rel_change(d_item, h_d)
+        if r_item.params.get("method") == "effect":  # pasted by its change at the last layer: compare there
+            d_layer = int(r_item.params["donor_site"].split(".")[1])
+            donor_rel = r_item.params["donor_rel_change"]
         rows.append({"donor_site": d_item.site, "recipient_site": r_item.site, "kind": d_item.kind,
-                     "donor_rel_norm": mean_rel_change(d_item, h_d), "recipient_rel_norm": mean_rel_change(r_item, h_r),
+                     "donor_rel_norm": donor_rel, "recipient_rel_norm": mean_rel_change(r_item, h_r),
                      "expected_ratio": r_item.params.get("expected_ratio"),
                      "r2_to_donor": converters.to_donor[d_layer].r2,
                      "r2_to_recipient": converters.to_recipient[d_layer].r2})

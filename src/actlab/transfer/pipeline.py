@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from actlab.interventions.base import Composition, Intervention
-from actlab.interventions.types import AffineMap
+from actlab.interventions.types import AffineMap, SteeringVector
 from actlab.engine.config import Config
 from actlab.errors import ActlabError
 from actlab.transfer.converters import MIN_LAMBDA, PASTE_LAMBDAS, ConverterSet, fit_converters
+from actlab.transfer.effect_paste import paste_effect
 from actlab.transfer.paste import DEFAULT_MAX_GAIN, calibrate_scale, paste, predicted_effect
 from actlab.transfer.profiles import ActivationProfile, cached_profile, profile_model, resolve_positions
 
@@ -40,6 +41,15 @@ def fit_paste_converters(d_prof: ActivationProfile, r_prof: ActivationProfile,
     return fit_converters(d_prof, r_prof, layer_map=layer_map, lambdas=lambdas)
 
 
+ADAPTER_PASTES = ("effect", "weights")
+
+
+def pastes_by_effect(edit: Intervention | Composition, config: "PasteConfig") -> bool:
+    """Whether ``paste_between`` pastes ``edit`` by its effect: anything but plain steering vectors, unless
+    ``adapter_paste="weights"``."""
+    return config.adapter_paste == "effect" and not all(isinstance(e, SteeringVector) for e in edit.edits())
+
+
 @dataclass
 class PasteConfig(Config):
     """How ``paste_between`` profiles, fits and pastes."""
@@ -53,9 +63,12 @@ class PasteConfig(Config):
     max_gain: float = DEFAULT_MAX_GAIN  # cap on the de-attenuation gain
     calibrate: bool = True  # pasted adapters/affine maps: match the donor edit's size relative to the stream
     calibrate_effect: str | None = None  # pasted adapters: "shift" / "kl" match the donor edit's effect on the predictions
+    adapter_paste: str = "effect"  # adapters/affine maps: "effect" (paste_effect) or "weights" (closed form)
     batch_size: int = 16  # prompts per profiling forward pass
 
     def validate(self) -> None:
+        if self.adapter_paste not in ADAPTER_PASTES:
+            raise ActlabError(f"adapter_paste must be one of {ADAPTER_PASTES}, not {self.adapter_paste!r}")
         if self.calibrate_effect not in (None, "shift", "kl"):
             raise ActlabError(f"calibrate_effect must be None, 'shift' or 'kl', not {self.calibrate_effect!r}")
 
@@ -122,13 +135,17 @@ def paste_between(donor, recipient, donor_edit: Intervention | Composition, prom
     (d_prof, r_prof, converters), positions, note, (d_seconds, r_seconds) = _fit_between(
         donor, recipient, prompts, config, progress)
     start = time.perf_counter()
-    pasted = paste(donor_edit, converters, recipient, deattenuate=config.deattenuate, max_gain=config.max_gain)
-    if config.calibrate:
-        pasted = calibrate_scale(donor_edit, pasted, d_prof, r_prof)
-    if config.calibrate_effect and any(isinstance(e, AffineMap) for e in pasted.edits()):
-        from actlab.transfer.calibration import calibrate_effect
+    if pastes_by_effect(donor_edit, config):
+        pasted = paste_effect(donor, recipient, donor_edit, converters, d_prof, r_prof, calibrate=config.calibrate,
+                              batch_size=config.batch_size)
+    else:
+        pasted = paste(donor_edit, converters, recipient, deattenuate=config.deattenuate, max_gain=config.max_gain)
+        if config.calibrate:
+            pasted = calibrate_scale(donor_edit, pasted, d_prof, r_prof)
+        if config.calibrate_effect and any(isinstance(e, AffineMap) for e in pasted.edits()):
+            from actlab.transfer.calibration import calibrate_effect
 
-        pasted = calibrate_effect(donor, recipient, donor_edit, pasted, prompts, measure=config.calibrate_effect)
+            pasted = calibrate_effect(donor, recipient, donor_edit, pasted, prompts, measure=config.calibrate_effect)
     seconds = {"donor_profile": d_seconds, "recipient_profile": r_seconds, "converters": converters.fit_seconds,
                "paste": time.perf_counter() - start}
     return PasteResult(pasted=pasted, converters=converters, donor_profile=d_prof, recipient_profile=r_prof,
