@@ -163,6 +163,26 @@ def test_adapter_train_writes_a_working_adapter(tmp_path):
                     "--steps", "10", "-o", out)
     assert result.exit_code == 0, result.output
     assert "validation loss" in result.output and out.is_file()
+    # pasted by `paste run` with its defaults: by its effect, at the recipient's last layer, as the library does
+    import actlab
+    from actlab.datasets import profile_texts
+    from actlab.interventions import load_interventions
+    from actlab.transfer import paste_between
+
+    texts = [t.replace("\n", " ") for t in profile_texts()[::23]]
+    prompts, pasted = tmp_path / "profile.txt", tmp_path / "pasted.safetensors"
+    prompts.write_text("\n".join(texts) + "\n")
+    result = invoke("paste", "run", "--donor", "demo-llama", "--recipient", "demo-gpt2", "--intervention", out,
+                    "-o", pasted, "--prompts", prompts, "--cache-dir", tmp_path / "cache")
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())  # rich wraps long lines
+    assert "pasted by its effect on the last layer" in said and "expected effect ratio" in said
+    donor, recipient = actlab.load("demo-llama"), actlab.load("demo-gpt2")
+    got = load_interventions(pasted, recipient)
+    want = paste_between(donor, recipient, load_interventions(out, donor), texts, cache_dir=tmp_path / "cache").pasted
+    assert got.site == want.site == "resid.5" and got.params["method"] == "effect"
+    h = torch.ones(1, recipient.d_model)
+    torch.testing.assert_close(got.delta(h), want.delta(h))
 
 
 @pytest.mark.slow

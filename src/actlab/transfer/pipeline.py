@@ -142,10 +142,10 @@ def paste_between(donor, recipient, donor_edit: Intervention | Composition, prom
         pasted = paste(donor_edit, converters, recipient, deattenuate=config.deattenuate, max_gain=config.max_gain)
         if config.calibrate:
             pasted = calibrate_scale(donor_edit, pasted, d_prof, r_prof)
-        if config.calibrate_effect and any(isinstance(e, AffineMap) for e in pasted.edits()):
-            from actlab.transfer.calibration import calibrate_effect
+    if config.calibrate_effect and any(isinstance(e, AffineMap) for e in pasted.edits()):
+        from actlab.transfer.calibration import calibrate_effect
 
-            pasted = calibrate_effect(donor, recipient, donor_edit, pasted, prompts, measure=config.calibrate_effect)
+        pasted = calibrate_effect(donor, recipient, donor_edit, pasted, prompts, measure=config.calibrate_effect)
     seconds = {"donor_profile": d_seconds, "recipient_profile": r_seconds, "converters": converters.fit_seconds,
                "paste": time.perf_counter() - start}
     return PasteResult(pasted=pasted, converters=converters, donor_profile=d_prof, recipient_profile=r_prof,
