@@ -121,3 +121,19 @@ def test_fit_ridge_by_sums_equals_the_textbook_fit(center):
         torch.testing.assert_close(fit.x_mean, xm, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(fit.y_mean, ym, rtol=1e-9, atol=1e-9)
         assert fit.r2 == pytest.approx(r2, abs=1e-9) and fit.train_r2 == pytest.approx(train_r2, abs=1e-9)
+
+
+def test_fit_ridge_both_ways_equals_two_fits():
+    """The shared-product fit is the same algebra as two separate fits on the same split."""
+    from actlab.linalg import fit_ridge_both_ways
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(600, 7, generator=gen) * 3 + 10
+    y = x @ torch.randn(7, 5, generator=gen) + 0.5 * torch.randn(600, 5, generator=gen) - 4
+    forward, backward = fit_ridge_both_ways(x, y, lambdas=(1e-4, 1e-2, 1.0), seed=2)
+    for got, want in ((forward, linalg.fit_ridge(x, y, lambdas=(1e-4, 1e-2, 1.0), seed=2)),
+                      (backward, linalg.fit_ridge(y, x, lambdas=(1e-4, 1e-2, 1.0), seed=2))):
+        assert got.lam == want.lam and got.r2 == pytest.approx(want.r2, abs=1e-12)
+        torch.testing.assert_close(got.weight, want.weight, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got.x_mean, want.x_mean)
+        torch.testing.assert_close(got.y_mean, want.y_mean)

@@ -116,26 +116,24 @@ class _Moments:
         return float(self.yy.sum() - (self.sy * self.sy).sum() / self.n)
 
 
-def fit_ridge(x: torch.Tensor, y: torch.Tensor, *, lambdas: Sequence[float] = LAMBDA_GRID, holdout: float = 0.2,
-              seed: int = 0, center: bool = True) -> RidgeFit:
-    """Ridge regression ``x → y`` in float64: λ (relative to the Gram matrix's mean diagonal) is the one with the
-    lowest held-out squared error on a seeded ``holdout`` split, then the map is refitted on every row.
-
-    One pass over the rows: the training and held-out rows' sums (around a common shift, for precision) give
-    every λ's held-out error, the refit on all rows and the training R² by algebra, so the cost is two Gram
-    products whatever the grid (Command-V fits 8–12 of these on ~30k token rows)."""
+def _check_ridge_inputs(x: torch.Tensor, y: torch.Tensor, lambdas: Sequence[float]) -> None:
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
         raise ActlabError(f"ridge regression needs [n, d] inputs with the same n; got {tuple(x.shape)} and "
                           f"{tuple(y.shape)}")
     if not lambdas:
         raise ActlabError("no ridge λ given: pass at least one value")
-    n = x.shape[0]
-    x, y = x.double(), y.double()
-    shift_x = x.mean(0) if center else torch.zeros_like(x[0])
-    shift_y = y.mean(0) if center else torch.zeros_like(y[0])
-    xs, ys = x - shift_x, y - shift_y  # the sums below are taken around the overall means: no cancellation
-    train, val = split_indices(n, held_out_count(n, holdout, at_least=1), seed, sort=False)
-    m_train, m_val = _Moments.of(xs[train], ys[train]), _Moments.of(xs[val], ys[val])
+
+
+def _shifted(t: torch.Tensor, center: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t − shift, shift)`` in float64, the shift being the column means (zero without centring)."""
+    t = t.double()
+    shift = t.mean(0) if center else torch.zeros_like(t[0])
+    return t - shift, shift
+
+
+def _fit_from_moments(m_train: _Moments, m_val: _Moments, shift_x: torch.Tensor, shift_y: torch.Tensor,
+                      lambdas: Sequence[float], center: bool) -> RidgeFit:
+    """λ by held-out error, then the refit on every row, from the two subsets' sums alone."""
     xm, ym, gram, cross = m_train.centred(center)
     scale = float(torch.diagonal(gram).mean().clamp_min(1e-30))
     sst_val = m_val.sst()
@@ -152,3 +150,37 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, *, lambdas: Sequence[float] = LA
     sst = everything.sst()
     train_r2 = 1.0 - everything.sse(weight, xm, ym) / sst if sst > 0 else float("nan")
     return RidgeFit(weight=weight, x_mean=xm + shift_x, y_mean=ym + shift_y, lam=lam, r2=r2_val, train_r2=train_r2)
+
+
+def fit_ridge(x: torch.Tensor, y: torch.Tensor, *, lambdas: Sequence[float] = LAMBDA_GRID, holdout: float = 0.2,
+              seed: int = 0, center: bool = True) -> RidgeFit:
+    """Ridge regression ``x → y`` in float64: λ (relative to the Gram matrix's mean diagonal) is the one with the
+    lowest held-out squared error on a seeded ``holdout`` split, then the map is refitted on every row.
+
+    One pass over the rows: the training and held-out rows' sums (around a common shift, for precision) give
+    every λ's held-out error, the refit on all rows and the training R² by algebra, so the cost is two Gram
+    products whatever the grid (Command-V fits 8–12 of these on ~100k token rows)."""
+    _check_ridge_inputs(x, y, lambdas)
+    (xs, shift_x), (ys, shift_y) = _shifted(x, center), _shifted(y, center)  # sums around the means: no cancellation
+    train, val = split_indices(x.shape[0], held_out_count(x.shape[0], holdout, at_least=1), seed, sort=False)
+    m_train, m_val = _Moments.of(xs[train], ys[train]), _Moments.of(xs[val], ys[val])
+    return _fit_from_moments(m_train, m_val, shift_x, shift_y, lambdas, center)
+
+
+def fit_ridge_both_ways(x: torch.Tensor, y: torch.Tensor, *, lambdas: Sequence[float] = LAMBDA_GRID,
+                        holdout: float = 0.2, seed: int = 0, center: bool = True) -> tuple[RidgeFit, RidgeFit]:
+    """``(fit_ridge(x, y), fit_ridge(y, x))`` with the same split, from three Gram products instead of four
+    (``xᵀy`` serves both directions): what Command-V's converters need for every layer pair."""
+    _check_ridge_inputs(x, y, lambdas)
+    (xs, shift_x), (ys, shift_y) = _shifted(x, center), _shifted(y, center)
+    train, val = split_indices(x.shape[0], held_out_count(x.shape[0], holdout, at_least=1), seed, sort=False)
+    pairs = []
+    for rows in (train, val):
+        a, b = xs[rows], ys[rows]
+        xx, xy, yy = a.T @ a, a.T @ b, b.T @ b
+        sx, sy = a.sum(0), b.sum(0)
+        pairs.append((_Moments(a.shape[0], sx, sy, xx, xy, torch.diagonal(yy).clone()),
+                      _Moments(a.shape[0], sy, sx, yy, xy.T, torch.diagonal(xx).clone())))
+    (fwd_train, back_train), (fwd_val, back_val) = pairs
+    return (_fit_from_moments(fwd_train, fwd_val, shift_x, shift_y, lambdas, center),
+            _fit_from_moments(back_train, back_val, shift_y, shift_x, lambdas, center))

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from actlab.errors import ActlabError
 from actlab.files import NUMBER, HeaderFields, load_tensors, save_tensors
-from actlab.linalg import LAMBDA_GRID, fit_ridge
+from actlab.linalg import LAMBDA_GRID, fit_ridge, fit_ridge_both_ways
 from actlab.transfer.profiles import ActivationProfile
 
 FORMAT = "actlab.converters"
@@ -89,15 +89,29 @@ def fit_linear_map(
     lambdas: Sequence[float] = LAMBDA_GRID,
 ) -> LinearMap:
     """Ridge regression x → y with λ chosen on a held-out split, then refitted on all rows (``linalg.fit_ridge``)."""
+    _check_rows(x, y)
+    return _as_linear_map(fit_ridge(x, y, lambdas=lambdas, holdout=holdout, seed=seed, center=center))
+
+
+def _check_rows(x: torch.Tensor, y: torch.Tensor) -> None:
     if x.shape[0] != y.shape[0]:
         raise ActlabError(f"profiles have different row counts ({x.shape[0]} vs {y.shape[0]}): profile both models on "
                           "the same prompts with the same positions")
-    n = x.shape[0]
-    if n < 4:
-        raise ActlabError(f"only {n} profile rows: converters need at least a few dozen prompts (hundreds is better)")
-    fit = fit_ridge(x, y, lambdas=lambdas, holdout=holdout, seed=seed, center=center)
+    if x.shape[0] < 4:
+        raise ActlabError(f"only {x.shape[0]} profile rows: converters need at least a few dozen prompts (hundreds is better)")
+
+
+def _as_linear_map(fit) -> LinearMap:
     return LinearMap(weight=fit.weight.float(), x_mean=fit.x_mean.float(), y_mean=fit.y_mean.float(), lam=fit.lam,
                      r2=fit.r2, train_r2=fit.train_r2)
+
+
+def fit_linear_maps_both_ways(x: torch.Tensor, y: torch.Tensor, *, center: bool = True, holdout: float = 0.2,
+                              seed: int = 0, lambdas: Sequence[float] = LAMBDA_GRID) -> tuple[LinearMap, LinearMap]:
+    """``(x → y, y → x)``: ``fit_linear_map`` both ways on the same split, sharing the cross product."""
+    _check_rows(x, y)
+    forward, backward = fit_ridge_both_ways(x, y, lambdas=lambdas, holdout=holdout, seed=seed, center=center)
+    return _as_linear_map(forward), _as_linear_map(backward)
 
 
 @dataclass
@@ -212,10 +226,8 @@ def fit_converters(
     for d, r in mapping.items():
         if d not in donor.acts or r not in recipient.acts:
             raise ActlabError(f"layer pair {d}:{r} is outside the profiles ({donor.n_layers} and {recipient.n_layers} layers)")
-        to_donor[d] = fit_linear_map(recipient.acts[r], donor.acts[d], center=center, holdout=holdout, seed=seed,
-                                     lambdas=grid)
-        to_recipient[d] = fit_linear_map(donor.acts[d], recipient.acts[r], center=center, holdout=holdout, seed=seed,
-                                         lambdas=grid)
+        to_recipient[d], to_donor[d] = fit_linear_maps_both_ways(donor.acts[d], recipient.acts[r], center=center,
+                                                                 holdout=holdout, seed=seed, lambdas=grid)
     return ConverterSet(layer_map=dict(mapping), to_donor=to_donor, to_recipient=to_recipient, donor=donor.model,
                         recipient=recipient.model, prompts_hash=donor.prompts_hash,
                         fit_seconds=time.perf_counter() - start, extra={"lambda_grid": grid})
