@@ -10,13 +10,15 @@ behaviour — steering generations toward a target genre — with every piece of
 2. **Paste it** into the recipient (``actlab.transfer.paste_between``): both models are profiled on
    ``profile_prompts`` (every token by default — the demo models share a tokenizer — else the last
    prompt token), ridge converters are fitted for every layer pair matched by relative depth with λ
-   from ``converter_lambdas`` (by default λ ≥ ``MIN_LAMBDA``), and ``paste`` gives an ordinary recipient
-   intervention at the matched recipient layer. No gradient is taken anywhere on this path.
+   from ``converter_lambdas`` (by default λ ≥ ``MIN_LAMBDA``), and the paste is an ordinary recipient
+   intervention: a vector in closed form at the matched recipient layer, an adapter by its effect at the
+   recipient's last layer (``adapter_paste="effect"``; ``"weights"``: closed form at the matched layer).
+   No gradient is taken anywhere on this path.
 3. **The direct intervention**: the recipient's own intervention of the same kind at the matched layer,
    made from the same data (for vectors: fitted the same way and applied at the same coefficient; for
    adapters: trained on the recipient with the same data, rank, steps and seed).
 4. **Random controls** (``transfer_controls``): ``n_random`` = 4 random donor interventions of the same
-   kind and size, pasted the same way, rescaled to the pasted edit's size on the recipient, in
+   kind and size, pasted the same way as the donor's edit, rescaled to the pasted edit's size on the recipient, in
    antithetic pairs; pooled. Per-draw effects are in ``diagnostics``.
 5. **Score the recipient** (``transfer_scoring``, with the steering evaluation's ``GenreScorer``):
    ``none``, ``random``, ``pasted``, ``direct``. ``effect = rate − rate(none)``; the issue's targets are
@@ -30,7 +32,7 @@ the target genre against as many of the other genres, drawn by ``seed`` from ``s
 choosing settings, "eval" for reporting) — and ``n_eval_prompts`` pair prompts of the same split; the
 profile texts (``actlab.datasets.profile_texts``) are documents of the training text, apart from both.
 Defaults are the library's and the CLI's (``paste_between``): positions "auto", λ ≥ 0.1, de-attenuation
-capped at 1.5, adapters calibrated to the donor's relative size. Coefficient 0.5 for vectors (the issue's
+capped at 1.5, adapters pasted by their effect and sized to the donor's relative change. Coefficient 0.5 for vectors (the issue's
 setting) and 1 for adapters; 80 prompts × 4 samples × 24 tokens.
 
 Default layer (``default_site``): ``resid.mid``, the donor layer whose relative depth ``(i + 1) / n_layers``
