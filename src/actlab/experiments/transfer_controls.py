@@ -65,17 +65,10 @@ class RandomControls:
     target_size: float  # the pasted intervention's mean ‖Δ‖ there
 
 
-def random_controls(donor_edit: Intervention, pasted: Intervention, converters, recipient, h_r: torch.Tensor, *,
-                    n_random: int, seed: int, deattenuate: bool = True, max_gain: float = 1.5,
-                    paste_fn: Callable[[Intervention], Intervention] | None = None) -> RandomControls:
-    """``n_random`` random donor interventions pasted like ``donor_edit`` (``paste_fn``; default the closed-form
-    paste with these converters) and matched to ``pasted``'s size on the recipient profile rows ``h_r`` at its
-    site (module docstring)."""
-    from actlab.transfer.paste import paste
-
-    if paste_fn is None:
-        def paste_fn(item: Intervention) -> Intervention:
-            return paste(item, converters, recipient, deattenuate=deattenuate, max_gain=max_gain)
+def random_controls(donor_edit: Intervention, pasted: Intervention, h_r: torch.Tensor,
+                    paste_fn: Callable[[Intervention], Intervention], *, n_random: int, seed: int) -> RandomControls:
+    """``n_random`` random donor interventions pasted like ``donor_edit`` (by ``paste_fn``) and matched to
+    ``pasted``'s size on the recipient profile rows ``h_r`` at its site (module docstring)."""
     target_size = mean_delta_norm(pasted, h_r)
     randoms: list[Intervention] = []
     raw_sizes: list[float] = []

@@ -68,7 +68,7 @@ from actlab.experiments.transfer_scoring import score_donor, score_recipient
 from actlab.interventions.types import LowRankAdapter
 from actlab.transfer.converters import PASTE_LAMBDAS
 from actlab.transfer.paste import DEFAULT_MAX_GAIN, mean_rel_change
-from actlab.transfer.pipeline import PasteResult, paste_between
+from actlab.transfer.pipeline import PasteConfig, PasteResult, paste_between, paste_with
 from actlab.transfer.profiles import POSITIONS, resolve_positions
 
 KINDS = ("vector", "adapter")
@@ -264,15 +264,12 @@ def _paste(donor, recipient, donor_edit, data: EvalData, config: TransferEvalCon
 
 
 def _control_paste(donor, recipient, transfer: PasteResult, config: TransferEvalConfig):
-    """How a random donor edit is pasted for the control: the way the donor's own edit was."""
-    from actlab.transfer.effect_paste import paste_effect
-    from actlab.transfer.paste import paste
-
-    if transfer.pasted.params.get("method") == "effect":
-        return lambda item: paste_effect(donor, recipient, item, transfer.converters, transfer.donor_profile,
-                                         transfer.recipient_profile, calibrate=False)
-    return lambda item: paste(item, transfer.converters, recipient, deattenuate=config.deattenuate,
-                              max_gain=config.max_gain)
+    """How a random donor edit is pasted for the control: the way the donor's own edit was, before sizing
+    (the controls are then matched to the pasted edit's size)."""
+    how = PasteConfig(deattenuate=config.deattenuate, max_gain=config.max_gain, calibrate=False,
+                      adapter_paste=config.adapter_paste)
+    return lambda item: paste_with(donor, recipient, item, transfer.converters, transfer.donor_profile,
+                                   transfer.recipient_profile, how)
 
 
 def _adapter_summary(adapter: LowRankAdapter) -> dict[str, Any]:
@@ -289,13 +286,14 @@ def diagnostics(kind: str, donor_edit, transfer: PasteResult, direct, controls: 
     pasted = transfer.pasted
     h_d = transfer.donor_profile.acts[int(donor_edit.site.split(".")[1])]
     h_r = transfer.recipient_profile.acts[int(pasted.site.split(".")[1])]
+    h_direct = transfer.recipient_profile.acts[int(direct.site.split(".")[1])]
     out: dict[str, Any] = {
         "donor_rel_change": mean_rel_change(donor_edit, h_d), "pasted_rel_change": mean_rel_change(pasted, h_r),
-        "direct_rel_change": mean_rel_change(direct, transfer.recipient_profile.acts[int(direct.site.split(".")[1])]),
+        "direct_rel_change": mean_rel_change(direct, h_direct),
         "random_raw_size_over_pasted": [s / controls.target_size for s in controls.raw_sizes],
         "random_draw_effects": random_draws,
         "pasted_mean_delta_norm": controls.target_size,
-        "direct_mean_delta_norm": mean_delta_norm(direct, transfer.recipient_profile.acts[int(direct.site.split(".")[1])]),
+        "direct_mean_delta_norm": mean_delta_norm(direct, h_direct),
         "expected_ratio": pasted.params.get("expected_ratio"),
         "shared_correlations": pasted.params.get("shared_correlations"),
         "scale_calibration": pasted.params.get("scale_calibration"),
@@ -353,8 +351,8 @@ def evaluate_transfer(donor, recipient, config: TransferEvalConfig | None = None
         direct, timings["direct_fit"], timings["direct_method"] = make_behaviour(recipient, direct_site, data, config)
         bar.advance()
         h_r = transfer.recipient_profile.acts[int(pasted.site.split(".")[1])]
-        controls = random_controls(donor_edit, pasted, transfer.converters, recipient, h_r, n_random=config.n_random,
-                                   seed=config.seed, paste_fn=_control_paste(donor, recipient, transfer, config))
+        controls = random_controls(donor_edit, pasted, h_r, _control_paste(donor, recipient, transfer, config),
+                                   n_random=config.n_random, seed=config.seed)
         edits = {"none": None, "random": [r * coef for r in controls.edits], "pasted": pasted * coef,
                  "direct": direct * coef}
         conds, ratios, draws = score_recipient(recipient, config.target_genre, scoring, edits, config.seed, bar)

@@ -18,6 +18,7 @@ shrinks a prediction by its R², so without this the paste is about half as larg
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -54,12 +55,12 @@ def _rel_size(delta: torch.Tensor, h: torch.Tensor) -> float:
     return float((delta.norm(dim=1) / h.norm(dim=1).clamp_min(1e-12)).mean())
 
 
-def _as_affine_map(weight: torch.Tensor, bias: torch.Tensor, site: str, identity: dict, params: dict) -> AffineMap:
+def _as_affine_map(weight: torch.Tensor, bias: torch.Tensor, site: str, identity: dict) -> AffineMap:
     """``h ↦ h W + b`` with ``W`` stored as its thin SVD factors (``U = A S``, ``V = B``), dropping null directions."""
     a, s, bh = torch.linalg.svd(weight.double(), full_matrices=False)
     keep = s > s.max() * 1e-6 if s.numel() and s.max() > 0 else torch.zeros_like(s, dtype=torch.bool)
     return AffineMap(site=site, bias=bias.float(), U=(a[:, keep] * s[keep]).float().contiguous(),
-                     V=bh[keep].T.float().contiguous(), model=identity, params=params)
+                     V=bh[keep].T.float().contiguous(), model=identity)
 
 
 def paste_effect(donor, recipient, donor_edit: Intervention | Composition, converters: ConverterSet,
@@ -85,7 +86,7 @@ def paste_effect(donor, recipient, donor_edit: Intervention | Composition, conve
     params = {"method": "effect", "effect_r2": round(float(fit.r2), 4), "lambda": fit.lam,
               "donor_site": f"resid.{d_last}", "donor_rel_change": round(_rel_size(delta, h_d.double()), 4),
               "expected_ratio": round(max(0.0, float(fit.r2)) ** 0.5, 4)}
-    pasted = _as_affine_map(fit.weight, bias, f"resid.{r_last}", recipient.identity(), params)
+    pasted = _as_affine_map(fit.weight, bias, f"resid.{r_last}", recipient.identity())
     have = _rel_size(pasted.delta(h_r.float()).double(), h_r.double())
     params["pasted_rel_change_before_calibration"] = round(have, 4)
     if calibrate and have > 0:
@@ -93,5 +94,4 @@ def paste_effect(donor, recipient, donor_edit: Intervention | Composition, conve
         pasted = scaled_item(pasted, factor)
         params["scale_calibration"] = round(factor, 4)
     params["seconds"] = round(time.perf_counter() - start, 3)
-    pasted.params = params
-    return pasted
+    return dataclasses.replace(pasted, params=params)

@@ -23,7 +23,7 @@ from actlab.transfer.effect_paste import paste_effect
 from actlab.transfer.paste import DEFAULT_MAX_GAIN, calibrate_scale, paste, predicted_effect
 from actlab.transfer.profiles import ActivationProfile, cached_profile, profile_model, resolve_positions
 
-__all__ = ["PasteConfig", "PasteResult", "paste_between", "fit_paste_converters"]
+__all__ = ["PasteConfig", "PasteResult", "paste_between", "paste_with", "fit_paste_converters"]
 
 
 def fit_paste_converters(d_prof: ActivationProfile, r_prof: ActivationProfile,
@@ -124,6 +124,17 @@ def fit_between(donor, recipient, prompts: Sequence[str] | None = None, config: 
     return _fit_between(donor, recipient, prompts, config, progress)[0][2]
 
 
+def paste_with(donor, recipient, donor_edit: Intervention | Composition, converters: ConverterSet,
+               d_prof: ActivationProfile, r_prof: ActivationProfile, config: PasteConfig) -> Intervention | Composition:
+    """``donor_edit`` pasted with fitted converters as ``config`` says (by effect or in closed form, sized when
+    ``calibrate``): the one dispatch ``paste_between`` and the evaluation's random controls share."""
+    if pastes_by_effect(donor_edit, config):
+        return paste_effect(donor, recipient, donor_edit, converters, d_prof, r_prof, calibrate=config.calibrate,
+                            batch_size=config.batch_size)
+    pasted = paste(donor_edit, converters, recipient, deattenuate=config.deattenuate, max_gain=config.max_gain)
+    return calibrate_scale(donor_edit, pasted, d_prof, r_prof) if config.calibrate else pasted
+
+
 def paste_between(donor, recipient, donor_edit: Intervention | Composition, prompts: Sequence[str] | None = None,
                   config: PasteConfig | None = None, *, progress: bool = False, **overrides) -> PasteResult:
     """Profile both models on ``prompts`` (default ``actlab.datasets.profile_texts()``), fit converters and
@@ -135,13 +146,7 @@ def paste_between(donor, recipient, donor_edit: Intervention | Composition, prom
     (d_prof, r_prof, converters), positions, note, (d_seconds, r_seconds) = _fit_between(
         donor, recipient, prompts, config, progress)
     start = time.perf_counter()
-    if pastes_by_effect(donor_edit, config):
-        pasted = paste_effect(donor, recipient, donor_edit, converters, d_prof, r_prof, calibrate=config.calibrate,
-                              batch_size=config.batch_size)
-    else:
-        pasted = paste(donor_edit, converters, recipient, deattenuate=config.deattenuate, max_gain=config.max_gain)
-        if config.calibrate:
-            pasted = calibrate_scale(donor_edit, pasted, d_prof, r_prof)
+    pasted = paste_with(donor, recipient, donor_edit, converters, d_prof, r_prof, config)
     if config.calibrate_effect and any(isinstance(e, AffineMap) for e in pasted.edits()):
         from actlab.transfer.calibration import calibrate_effect
 
